@@ -1,0 +1,81 @@
+/**
+ * The service's configuration, read once from the environment at start-up.
+ * Every variable is optional; a bad value stops the start with a message
+ * that names it. The README's configuration table mirrors this file.
+ */
+export interface Config {
+  /** DATABASE_URL: a postgres:// URL; unset means the embedded PostgreSQL. */
+  readonly databaseUrl: string | undefined;
+  /** HOST: interface to listen on. */
+  readonly host: string;
+  /** PORT: port to listen on (gRPC, Connect and gRPC-Web share it); 0 = any free port. */
+  readonly port: number;
+  /** EMBEDDED_PG_DIR: data folder of the embedded PostgreSQL. */
+  readonly embeddedDataDir: string;
+  /** EMBEDDED_PG_PORT: port of the embedded PostgreSQL; 0 = any free port. */
+  readonly embeddedPort: number;
+  /** DATABASE_POOL_MAX: connections in the pool. */
+  readonly poolMax: number;
+  /** DATABASE_STATEMENT_TIMEOUT_MS: server-side cap on one statement; 0 = none. */
+  readonly statementTimeoutMs: number;
+  /** PAGE_TOKEN_SECRET: signs page tokens; unset = a secret kept in the database. */
+  readonly pageTokenSecret: Uint8Array | undefined;
+  /** SHUTDOWN_GRACE_MS: how long calls in flight may run on after SIGTERM. */
+  readonly shutdownGraceMs: number;
+}
+
+/** A configuration variable has a value the service cannot use. */
+export class ConfigError extends Error {
+  constructor(variable: string, problem: string) {
+    super(`${variable} ${problem}`);
+    this.name = "ConfigError";
+  }
+}
+
+type Env = Readonly<Record<string, string | undefined>>;
+
+function integer(env: Env, name: string, fallback: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === "") return fallback;
+  if (!/^\d+$/.test(raw) || Number(raw) < min || Number(raw) > max) {
+    throw new ConfigError(name, `must be a whole number from ${min} to ${max}, got "${raw}"`);
+  }
+  return Number(raw);
+}
+
+function databaseUrl(env: Env): string | undefined {
+  const raw = env.DATABASE_URL;
+  if (raw === undefined || raw === "") return undefined;
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new ConfigError("DATABASE_URL", "is not a URL (expected postgres://user@host:port/database)");
+  }
+  if (url.protocol !== "postgres:" && url.protocol !== "postgresql:") {
+    throw new ConfigError("DATABASE_URL", `must start with postgres:// or postgresql://, got "${url.protocol}//"`);
+  }
+  return raw;
+}
+
+function pageTokenSecret(env: Env): Uint8Array | undefined {
+  const raw = env.PAGE_TOKEN_SECRET;
+  if (raw === undefined || raw === "") return undefined;
+  if (raw.length < 32) throw new ConfigError("PAGE_TOKEN_SECRET", "must be at least 32 characters");
+  return new TextEncoder().encode(raw);
+}
+
+/** Parses and checks the environment. */
+export function loadConfig(env: Env = process.env): Config {
+  return Object.freeze({
+    databaseUrl: databaseUrl(env),
+    host: env.HOST || "127.0.0.1",
+    port: integer(env, "PORT", 50051, 0, 65535),
+    embeddedDataDir: env.EMBEDDED_PG_DIR || ".data/postgres",
+    embeddedPort: integer(env, "EMBEDDED_PG_PORT", 0, 0, 65535),
+    poolMax: integer(env, "DATABASE_POOL_MAX", 10, 1, 1000),
+    statementTimeoutMs: integer(env, "DATABASE_STATEMENT_TIMEOUT_MS", 10_000, 0, 3_600_000),
+    pageTokenSecret: pageTokenSecret(env),
+    shutdownGraceMs: integer(env, "SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
+  });
+}

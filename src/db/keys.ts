@@ -1,0 +1,186 @@
+import type { Sql } from "./client.js";
+import { type Micros, timestampAt } from "./time.js";
+
+/** The status values the api_keys.status column allows. */
+export type KeyStatus = "active" | "revoked" | "expired";
+
+/** The columns of api_keys the service may show, timestamps in micros. */
+export interface KeyRow {
+  readonly id: string;
+  readonly tenant_id: string;
+  readonly name: string;
+  readonly key_prefix: string;
+  readonly status: KeyStatus;
+  readonly is_frozen: boolean;
+  readonly frozen_at_us: Micros | null;
+  readonly created_at_us: Micros;
+  readonly last_used_at_us: Micros | null;
+  readonly expires_at_us: Micros | null;
+  readonly total_requests: bigint;
+  readonly version: bigint;
+}
+
+/** A position in the newest-first order: the last key of a page. */
+export interface KeyCursor {
+  readonly createdAtUs: Micros;
+  readonly id: string;
+}
+
+/** What a freeze or unfreeze was asked to do. */
+export interface FreezeChange {
+  readonly tenantId: string;
+  readonly keyId: string;
+  /** Apply only if the key is still at this version. */
+  readonly expectedVersion?: bigint;
+  readonly reason: string | null;
+  readonly actor: string | null;
+}
+
+/** How a conditional freeze or unfreeze ended. */
+export type FreezeOutcome =
+  | { readonly kind: "not_found" }
+  | { readonly kind: "stale" }
+  | { readonly kind: "done"; readonly key: KeyRow; readonly changed: boolean };
+
+// Timestamps leave as exact microseconds (extract(epoch) is numeric since
+// PostgreSQL 14), never through a JS Date's milliseconds. Never the hash.
+function keyColumns(sql: Sql) {
+  return sql`
+    id,
+    tenant_id,
+    name,
+    key_prefix,
+    status,
+    is_frozen,
+    (extract(epoch from frozen_at) * 1000000)::int8 as frozen_at_us,
+    (extract(epoch from created_at) * 1000000)::int8 as created_at_us,
+    (extract(epoch from last_used_at) * 1000000)::int8 as last_used_at_us,
+    (extract(epoch from expires_at) * 1000000)::int8 as expires_at_us,
+    total_requests,
+    version
+  `;
+}
+
+/** One key of a tenant, or undefined. */
+export async function findKeyById(sql: Sql, tenantId: string, keyId: string): Promise<KeyRow | undefined> {
+  const [row]: [KeyRow?] = await sql`
+    select ${keyColumns(sql)}
+    from api_keys
+    where tenant_id = ${tenantId}
+      and id = ${keyId}
+  `;
+  return row;
+}
+
+/**
+ * A page of a tenant's keys, newest first (created_at desc, id desc), after
+ * `cursor` when given, skipping `skip` keys, at most `limit` keys.
+ */
+export async function listKeysByTenant(
+  sql: Sql,
+  tenantId: string,
+  options: { readonly cursor?: KeyCursor; readonly skip: number; readonly limit: number },
+): Promise<KeyRow[]> {
+  const { cursor, skip, limit } = options;
+  const after = cursor
+    ? sql`and (created_at, id) < (${timestampAt(sql, cursor.createdAtUs)}, ${cursor.id}::uuid)`
+    : sql``;
+  return await sql<KeyRow[]>`
+    select ${keyColumns(sql)}
+    from api_keys
+    where tenant_id = ${tenantId}
+      ${after}
+    order by created_at desc, id desc
+    limit ${limit}
+    offset ${skip}
+  `;
+}
+
+/** Number of keys a tenant has. */
+export async function countKeysByTenant(sql: Sql, tenantId: string): Promise<bigint> {
+  const [row]: [{ count: bigint }?] = await sql`
+    select count(*) as count
+    from api_keys
+    where tenant_id = ${tenantId}
+  `;
+  return row?.count ?? 0n;
+}
+
+// One statement decides and writes, so a freeze racing an unfreeze cannot
+// interleave. The `locked` subquery takes the row lock and, under READ
+// COMMITTED, yields the newest committed row, so the version check and the
+// before-image are exact even when another write just landed. A repeated
+// freeze rewrites the row with the values it has, which the version trigger
+// sees as no change: `changed` compares the versions before and after.
+async function applyFreeze(sql: Sql, change: FreezeChange, set: ReturnType<Sql>): Promise<FreezeOutcome> {
+  const versionCheck =
+    change.expectedVersion === undefined
+      ? sql``
+      : sql`and locked.locked_version = ${change.expectedVersion.toString()}::int8`;
+  type Result = Partial<KeyRow> & { found: boolean; locked_version: bigint | null };
+  const [row]: [Result?] = await sql`
+    with updated as (
+      update api_keys
+      set ${set}
+      from (
+        select id as locked_id, version as locked_version
+        from api_keys
+        where tenant_id = ${change.tenantId}
+          and id = ${change.keyId}
+        for update
+      ) as locked
+      where tenant_id = ${change.tenantId}
+        and id = locked.locked_id
+        ${versionCheck}
+      returning ${keyColumns(sql)}, locked.locked_version
+    )
+    select
+      exists (
+        select
+        from api_keys
+        where tenant_id = ${change.tenantId}
+          and id = ${change.keyId}
+      ) as found,
+      updated.*
+    from (values (1)) as one
+    left join updated on true
+  `;
+  if (!row?.found) return { kind: "not_found" };
+  if (!row.id) return { kind: "stale" };
+  const { found: _found, locked_version, ...key } = row;
+  const keyRow = key as KeyRow;
+  return { kind: "done", key: keyRow, changed: keyRow.version !== locked_version };
+}
+
+/**
+ * Freezes a key: is_frozen and frozen_at (at `frozenAtUs`, or the database's
+ * clock) with reason and actor. A frozen key keeps its first freeze.
+ */
+export function freezeKey(sql: Sql, change: FreezeChange & { readonly frozenAtUs?: Micros }): Promise<FreezeOutcome> {
+  const frozenAt = change.frozenAtUs === undefined ? sql`now()` : timestampAt(sql, change.frozenAtUs);
+  return applyFreeze(
+    sql,
+    change,
+    sql`
+      is_frozen = true,
+      frozen_at = case when is_frozen then frozen_at else ${frozenAt} end,
+      freeze_reason = case when is_frozen then freeze_reason else ${change.reason} end,
+      freeze_actor = case when is_frozen then freeze_actor else ${change.actor} end
+    `,
+  );
+}
+
+/** Unfreezes a key: clears is_frozen and frozen_at, records reason and actor. */
+export function unfreezeKey(sql: Sql, change: FreezeChange): Promise<FreezeOutcome> {
+  return applyFreeze(
+    sql,
+    change,
+    sql`
+      unfrozen_at = case when is_frozen then now() else unfrozen_at end,
+      unfreeze_reason = case when is_frozen then ${change.reason} else unfreeze_reason end,
+      unfreeze_actor = case when is_frozen then ${change.actor} else unfreeze_actor end,
+      is_frozen = false,
+      frozen_at = null
+    `,
+  );
+}

@@ -1,0 +1,100 @@
+import http from "node:http";
+import net from "node:net";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import * as grpc from "@grpc/grpc-js";
+import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
+import type { KeysDriverHandlers } from "./service/keys-driver.js";
+import { grpcServiceFor } from "./transport/grpc.js";
+
+/** What startServer needs. */
+export interface ServerDeps {
+  readonly handlers: KeysDriverHandlers;
+  /** Interface to listen on, e.g. "127.0.0.1". */
+  readonly host: string;
+  /** TCP port; 0 picks a free one. */
+  readonly port: number;
+}
+
+/** A listening server. */
+export interface RunningServer {
+  /** The port it listens on (the real one when 0 was asked for). */
+  readonly port: number;
+  /** "host:port", for clients. */
+  readonly address: string;
+  /**
+   * Stops accepting connections, lets calls in flight finish for up to
+   * `graceMs`, then cuts what is left. Resolves when everything is closed.
+   */
+  close(graceMs?: number): Promise<void>;
+}
+
+// Every HTTP/2 connection without TLS opens with this preface; an HTTP/1.x
+// request never starts with "PRI".
+const http2Preface = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+
+/**
+ * Serves KeysDriverService on one port: HTTP/2 connections (the gRPC
+ * protocol, h2c) go to a grpc-js server, HTTP/1.1 connections (Connect and
+ * gRPC-Web) to connect-node. Both call the same handlers. The split is by
+ * connection, from its first bytes: grpc-js serves gRPC at a fraction of
+ * connect-node's cost per call (see docs/DESIGN.md).
+ */
+export async function startServer(deps: ServerDeps): Promise<RunningServer> {
+  const grpcServer = new grpc.Server();
+  const { definition, implementation } = grpcServiceFor(KeysDriverService, deps.handlers);
+  grpcServer.addService(definition, implementation);
+  const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
+
+  const httpServer = http.createServer(
+    connectNodeAdapter({ routes: (router) => router.service(KeysDriverService, deps.handlers) }),
+  );
+
+  const listener = net.createServer((socket) => {
+    socket.setNoDelay(true);
+    let seen = Buffer.alloc(0);
+    const route = () => {
+      const chunk: Buffer | null = socket.read();
+      if (chunk === null) return;
+      seen = Buffer.concat([seen, chunk]);
+      const compared = Math.min(seen.length, http2Preface.length);
+      const isHttp2 = seen.subarray(0, compared).equals(http2Preface.subarray(0, compared));
+      if (isHttp2 && seen.length < http2Preface.length) return; // wait for the rest of the preface
+      socket.off("readable", route);
+      socket.unshift(seen);
+      if (isHttp2) grpcConnections.injectConnection(socket);
+      else httpServer.emit("connection", socket);
+    };
+    socket.on("readable", route);
+    socket.on("error", () => socket.destroy());
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    listener.once("error", reject);
+    listener.listen(deps.port, deps.host, () => {
+      listener.off("error", reject);
+      resolve();
+    });
+  });
+  const bound = listener.address() as net.AddressInfo;
+  const host = bound.family === "IPv6" ? `[${bound.address}]` : bound.address;
+
+  return {
+    port: bound.port,
+    address: `${host}:${bound.port}`,
+    async close(graceMs = 10_000) {
+      const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
+      httpServer.closeIdleConnections();
+      const httpDone = new Promise<void>((resolve) => httpServer.close(() => resolve()));
+      const grpcDone = new Promise<void>((resolve) => grpcServer.tryShutdown(() => resolve()));
+      grpcConnections.drain(graceMs);
+      const timer = setTimeout(() => {
+        httpServer.closeAllConnections();
+        grpcConnections.destroy();
+        grpcServer.forceShutdown();
+      }, graceMs);
+      timer.unref();
+      await Promise.all([stopped, httpDone, grpcDone]);
+      clearTimeout(timer);
+    },
+  };
+}

@@ -1,0 +1,58 @@
+import { create } from "@bufbuild/protobuf";
+import { type Timestamp, TimestampSchema } from "@bufbuild/protobuf/wkt";
+import {
+  type KeySnapshot,
+  KeySnapshotSchema,
+  KeyStatus,
+  type KeyUsageSnapshot,
+  KeyUsageSnapshotSchema,
+} from "../../gen/keysdriver/v1/keys_driver_pb.js";
+import type { KeyRow, Micros, UsageRow } from "../store.js";
+import { formatEtag } from "./etag.js";
+
+const statuses = {
+  active: KeyStatus.ACTIVE,
+  revoked: KeyStatus.REVOKED,
+  expired: KeyStatus.EXPIRED,
+} as const;
+
+/** Exact microseconds as a protobuf Timestamp. */
+export function timestampFromMicros(us: Micros): Timestamp {
+  let seconds = us / 1_000_000n;
+  if (us % 1_000_000n < 0n) seconds -= 1n;
+  return create(TimestampSchema, { seconds, nanos: Number(us - seconds * 1_000_000n) * 1000 });
+}
+
+function optionalTimestamp(us: Micros | null): Timestamp | undefined {
+  return us === null ? undefined : timestampFromMicros(us);
+}
+
+/** The caller's view of a key row. */
+export function keySnapshot(row: KeyRow): KeySnapshot {
+  return create(KeySnapshotSchema, {
+    id: row.id,
+    tenantId: row.tenant_id,
+    name: row.name,
+    keyPrefix: row.key_prefix,
+    status: statuses[row.status] ?? KeyStatus.UNSPECIFIED,
+    isFrozen: row.is_frozen,
+    frozenAt: optionalTimestamp(row.frozen_at_us),
+    createdAt: timestampFromMicros(row.created_at_us),
+    lastUsedAt: optionalTimestamp(row.last_used_at_us),
+    expiresAt: optionalTimestamp(row.expires_at_us),
+    totalRequests: row.total_requests,
+    etag: formatEtag(row.id, row.version),
+  });
+}
+
+/** The caller's view of a usage sum. */
+export function usageSnapshot(keyId: string, row: UsageRow): KeyUsageSnapshot {
+  return create(KeyUsageSnapshotSchema, {
+    keyId,
+    since: timestampFromMicros(row.since_us),
+    until: timestampFromMicros(row.until_us),
+    requestCount: row.request_count,
+    spendCents: row.spend_cents,
+    spendCentsExact: row.spend_cents_exact,
+  });
+}

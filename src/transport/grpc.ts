@@ -1,0 +1,66 @@
+import type { DescMessage, DescService, MessageShape } from "@bufbuild/protobuf";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { ConnectError } from "@connectrpc/connect";
+import * as grpc from "@grpc/grpc-js";
+import { toConnectError } from "../errors.js";
+
+type UnaryHandler = (req: never) => Promise<unknown>;
+
+function serializer<D extends DescMessage>(schema: D) {
+  return (message: MessageShape<D>): Buffer => {
+    const bytes = toBinary(schema, message);
+    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  };
+}
+
+function deserializer<D extends DescMessage>(schema: D) {
+  return (bytes: Buffer): MessageShape<D> => fromBinary(schema, bytes);
+}
+
+// connect's Code numbers are gRPC's status codes, so the mapping is the
+// identity; the message goes out as the status details text.
+function toServiceError(err: unknown): Partial<grpc.ServiceError> {
+  const connectError = err instanceof ConnectError ? err : toConnectError(err);
+  return { code: connectError.code as number as grpc.status, details: connectError.rawMessage };
+}
+
+/**
+ * The grpc-js service definition and implementation for `service`, with
+ * protobuf-es doing the (de)serialising and `handlers` (the same functions
+ * the Connect routes call) doing the work. Streaming methods without a
+ * handler that grpc-js can call answer UNIMPLEMENTED.
+ */
+export function grpcServiceFor(
+  service: DescService,
+  handlers: Record<string, unknown>,
+): { definition: grpc.ServiceDefinition; implementation: grpc.UntypedServiceImplementation } {
+  const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  const implementation: grpc.UntypedServiceImplementation = {};
+  for (const method of service.methods) {
+    definition[method.localName] = {
+      path: `/${service.typeName}/${method.name}`,
+      requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
+      responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
+      requestSerialize: serializer(method.input) as (message: unknown) => Buffer,
+      requestDeserialize: deserializer(method.input),
+      responseSerialize: serializer(method.output) as (message: unknown) => Buffer,
+      responseDeserialize: deserializer(method.output),
+      originalName: method.localName,
+    };
+    const handler = handlers[method.localName] as UnaryHandler | undefined;
+    if (method.methodKind === "unary" && handler) {
+      const unary: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
+        handler(call.request as never).then(
+          (response) => callback(null, response),
+          (err: unknown) => callback(toServiceError(err)),
+        );
+      };
+      implementation[method.localName] = unary;
+    } else {
+      implementation[method.localName] = (call: grpc.ServerWritableStream<unknown, unknown>) => {
+        call.emit("error", { code: grpc.status.UNIMPLEMENTED, details: `${method.name} is not implemented yet` });
+      };
+    }
+  }
+  return { definition, implementation };
+}
