@@ -52,7 +52,8 @@ export function toConnectError(err: unknown, log: ErrorLogger = logToStderr): Co
   if (err instanceof ConnectError) return err;
   const code = errorCode(err);
   if (code !== undefined) {
-    if (code === "57014") return new ConnectError("the database cancelled the statement (timeout)", Code.DeadlineExceeded);
+    if (code === "57014")
+      return new ConnectError("the database cancelled the statement (timeout)", Code.DeadlineExceeded);
     if (code === "40001" || code === "40P01") return new ConnectError("concurrent update; retry", Code.Aborted);
     if (code.startsWith("08") || unavailableStates.has(code) || unavailableErrnos.has(code)) {
       log("database unavailable", err);

@@ -1,4 +1,4 @@
-import { ConfigError, type Config, loadConfig } from "./config.js";
+import { type Config, ConfigError, loadConfig } from "./config.js";
 import { demoKeys, demoTenants, loadDemoDataOnce } from "./db/demo.js";
 import { migrate, pendingMigrations } from "./db/migrate.js";
 import { openDatabase } from "./db/open.js";
@@ -36,20 +36,25 @@ async function run(config: Config): Promise<void> {
     });
     const server = await startServer({ handlers, host: config.host, port: config.port });
     const where = db.embedded ? "embedded PostgreSQL" : "DATABASE_URL";
-    console.log(`KeysDriverService listening on ${server.address} (gRPC over h2c, Connect and gRPC-Web over HTTP/1.1; database: ${where})`);
+    console.log(
+      `KeysDriverService listening on ${server.address} (gRPC over h2c, Connect and gRPC-Web over HTTP/1.1; database: ${where})`,
+    );
     console.log("Try:");
     console.log(
       `  npx buf curl --schema proto --protocol grpc --http2-prior-knowledge \\\n    --data '{"tenantId":"${demoTenants.acme}","keyId":"${demoKeys.acmeProduction}"}' \\\n    http://${server.address}/keysdriver.v1.KeysDriverService/FetchKeyById`,
     );
 
     await new Promise<void>((resolve) => {
+      // npm and a terminal both deliver Ctrl-C, so a signal may arrive twice:
+      // repeats are ignored, and a hard deadline covers a stuck drain.
       const stop = (signal: string) => {
-        if (stopping) {
-          console.error(`${signal} again: exiting now`);
-          process.exit(1);
-        }
+        if (stopping) return;
         stopping = true;
         console.log(`${signal}: draining calls (up to ${config.shutdownGraceMs} ms), then stopping`);
+        setTimeout(() => {
+          console.error("shutdown did not finish in time: exiting");
+          process.exit(1);
+        }, config.shutdownGraceMs + 10_000).unref();
         server.close(config.shutdownGraceMs).then(resolve, resolve);
       };
       process.on("SIGINT", () => stop("SIGINT"));

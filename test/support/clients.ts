@@ -1,0 +1,183 @@
+import path from "node:path";
+import { create, type DescMessage, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
+import { TimestampSchema } from "@bufbuild/protobuf/wkt";
+import { type Client, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { KeysDriverService } from "../../gen/keysdriver/v1/keys_driver_pb.js";
+
+/** The status a call ended with when it did not succeed. */
+export class RpcError extends Error {
+  constructor(
+    readonly code: number,
+    readonly rawMessage: string,
+  ) {
+    super(`rpc failed with code ${code}: ${rawMessage}`);
+  }
+}
+
+/**
+ * A client that takes and returns messages in their canonical proto3 JSON
+ * form (int64 as strings, timestamps as RFC 3339), so that tests can assert
+ * exact values the same way whichever implementation made the call.
+ */
+export interface JsonCaller {
+  readonly name: string;
+  /** Calls a unary method, e.g. call("FetchKeyById", {...}). */
+  call(method: string, request: JsonObject): Promise<JsonObject>;
+  /** Reads a server stream to its end. */
+  stream(method: string, request: JsonObject): Promise<JsonObject[]>;
+  close(): void;
+}
+
+function methodOf(name: string) {
+  const method = KeysDriverService.methods.find((m) => m.name === name);
+  if (!method) throw new Error(`no method ${name}`);
+  return method;
+}
+
+function asJson(schema: DescMessage, message: unknown): JsonObject {
+  return toJson(schema, message as never) as JsonObject;
+}
+
+/** A caller through connect-node with the given transport. */
+export function connectCaller(name: string, transport: Transport): JsonCaller {
+  const client: Client<typeof KeysDriverService> = createClient(KeysDriverService, transport);
+  const rethrow = (err: unknown): never => {
+    if (err instanceof ConnectError) throw new RpcError(err.code, err.rawMessage);
+    throw err;
+  };
+  return {
+    name,
+    async call(method, request) {
+      const m = methodOf(method);
+      const fn = client[m.localName as keyof typeof client] as (req: unknown) => Promise<unknown>;
+      try {
+        return asJson(m.output, await fn(fromJson(m.input, request)));
+      } catch (err) {
+        return rethrow(err);
+      }
+    },
+    async stream(method, request) {
+      const m = methodOf(method);
+      const fn = client[m.localName as keyof typeof client] as (req: unknown) => AsyncIterable<unknown>;
+      const out: JsonObject[] = [];
+      try {
+        for await (const res of fn(fromJson(m.input, request))) out.push(asJson(m.output, res));
+      } catch (err) {
+        rethrow(err);
+      }
+      return out;
+    },
+    close() {},
+  };
+}
+
+/** connect-node's gRPC transport over HTTP/2. */
+export function connectGrpcCaller(address: string): JsonCaller {
+  return connectCaller("connect-node gRPC", createGrpcTransport({ baseUrl: `http://${address}` }));
+}
+
+/** connect-node speaking the Connect protocol over HTTP/1.1. */
+export function connectProtocolCaller(address: string): JsonCaller {
+  return connectCaller(
+    "connect-node Connect",
+    createConnectTransport({ baseUrl: `http://${address}`, httpVersion: "1.1" }),
+  );
+}
+
+/** connect-node speaking gRPC-Web over HTTP/1.1. */
+export function grpcWebCaller(address: string): JsonCaller {
+  return connectCaller(
+    "connect-node gRPC-Web",
+    createGrpcWebTransport({ baseUrl: `http://${address}`, httpVersion: "1.1" }),
+  );
+}
+
+// grpc-js with proto-loader decodes with protobufjs from the .proto file, an
+// implementation independent of the server's protobuf-es. int64 arrives as a
+// string and enums as names; timestamps are converted to RFC 3339 here.
+const packageDefinition = protoLoader.loadSync(path.resolve("proto/keysdriver/v1/keys_driver.proto"), {
+  includeDirs: [path.resolve("proto")],
+  longs: String,
+  enums: String,
+  defaults: false,
+  arrays: false,
+  oneofs: true,
+});
+const loaded = grpc.loadPackageDefinition(packageDefinition) as unknown as {
+  keysdriver: { v1: { KeysDriverService: grpc.ServiceClientConstructor } };
+};
+
+function isTimestamp(value: unknown): value is { seconds?: string; nanos?: number } {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return false;
+  const keys = Object.keys(value);
+  return keys.length > 0 && keys.every((k) => k === "seconds" || k === "nanos");
+}
+
+// proto-loader's plain objects, normalised to proto3 JSON.
+function normalise(value: unknown): JsonValue {
+  if (Array.isArray(value)) return value.map(normalise);
+  if (isTimestamp(value)) {
+    const ts = create(TimestampSchema, { seconds: BigInt(value.seconds ?? "0"), nanos: value.nanos ?? 0 });
+    return toJson(TimestampSchema, ts);
+  }
+  if (typeof value === "object" && value !== null) {
+    const out: JsonObject = {};
+    for (const [k, v] of Object.entries(value)) {
+      if (v === undefined || v === null) continue;
+      out[k] = normalise(v);
+    }
+    return out;
+  }
+  return value as JsonValue;
+}
+
+// Requests: RFC 3339 strings of Timestamp fields become {seconds, nanos}.
+function requestFor(method: string, request: JsonObject): Record<string, unknown> {
+  const m = methodOf(method);
+  const out: Record<string, unknown> = { ...request };
+  for (const field of m.input.fields) {
+    const value = request[field.jsonName];
+    if (field.message?.typeName === "google.protobuf.Timestamp" && typeof value === "string") {
+      const ts = fromJson(TimestampSchema, value);
+      out[field.jsonName] = { seconds: ts.seconds.toString(), nanos: ts.nanos };
+    }
+  }
+  return out;
+}
+
+/** @grpc/grpc-js as an independent gRPC client. */
+export function grpcJsCaller(address: string): JsonCaller {
+  const client = new loaded.keysdriver.v1.KeysDriverService(address, grpc.credentials.createInsecure());
+  const asRpcError = (err: grpc.ServiceError) => new RpcError(err.code, err.details);
+  type Unary = (req: unknown, cb: (err: grpc.ServiceError | null, res: unknown) => void) => void;
+  return {
+    name: "@grpc/grpc-js",
+    call(method, request) {
+      const fn = (client[method] as Unary).bind(client);
+      return new Promise((resolve, reject) => {
+        fn(requestFor(method, request), (err, res) => {
+          if (err) reject(asRpcError(err));
+          else resolve(normalise(res) as JsonObject);
+        });
+      });
+    },
+    stream(method, request) {
+      const call = (client[method] as (req: unknown) => grpc.ClientReadableStream<unknown>).call(
+        client,
+        requestFor(method, request),
+      );
+      const out: JsonObject[] = [];
+      return new Promise((resolve, reject) => {
+        call.on("data", (res) => out.push(normalise(res) as JsonObject));
+        call.on("error", (err: grpc.ServiceError) => reject(asRpcError(err)));
+        call.on("end", () => resolve(out));
+      });
+    },
+    close() {
+      client.close();
+    },
+  };
+}

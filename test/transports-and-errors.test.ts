@@ -1,0 +1,73 @@
+import { Code } from "@connectrpc/connect";
+import { expect } from "chai";
+import { createSql } from "../src/db/client.js";
+import { type RunningServer, startServer } from "../src/server.js";
+import { createKeysDriverService } from "../src/service/keys-driver.js";
+import { createPageTokenCodec } from "../src/service/page-token.js";
+import { createPostgresStore } from "../src/store.js";
+import { connectProtocolCaller, grpcJsCaller, grpcWebCaller, RpcError } from "./support/clients.js";
+import { createTestDatabase, type TestDatabase } from "./support/database.js";
+import { insertKey, newTenant } from "./support/fixtures.js";
+import { startTestService } from "./support/service.js";
+
+describe("one port for every protocol", () => {
+  let db: TestDatabase;
+  let server: RunningServer;
+
+  before(async () => {
+    db = await createTestDatabase();
+    server = await startTestService(db.sql);
+  });
+  after(async () => {
+    await server?.close(1000);
+    await db?.drop();
+  });
+
+  for (const makeCaller of [connectProtocolCaller, grpcWebCaller]) {
+    it(`serves ${makeCaller === grpcWebCaller ? "gRPC-Web" : "the Connect protocol"} over HTTP/1.1 on the gRPC port`, async () => {
+      const client = makeCaller(server.address);
+      const tenantId = newTenant();
+      const keyId = await insertKey(db.sql, { tenantId, name: "web" });
+      const res = await client.call("FetchKeyById", { tenantId, keyId });
+      expect(res.key).to.include({ id: keyId, name: "web" });
+      try {
+        await client.call("FetchKeyById", { tenantId: newTenant(), keyId });
+        expect.fail("another tenant's key was returned");
+      } catch (err) {
+        expect((err as RpcError).code).to.equal(Code.NotFound);
+      }
+    });
+  }
+});
+
+describe("when the database is out of reach", () => {
+  let server: RunningServer;
+
+  before(async () => {
+    // Nothing listens on port 1: every query fails to connect.
+    const sql = createSql({ url: "postgres://nobody@127.0.0.1:1/none", poolMax: 1, statementTimeoutMs: 0 });
+    const handlers = createKeysDriverService({
+      store: createPostgresStore(sql),
+      pageTokens: createPageTokenCodec(new Uint8Array(32)),
+      logError: () => {},
+    });
+    server = await startServer({ handlers, host: "127.0.0.1", port: 0 });
+  });
+  after(async () => {
+    await server?.close(1000);
+  });
+
+  it("answers UNAVAILABLE, a status callers retry, without database details", async () => {
+    const client = grpcJsCaller(server.address);
+    try {
+      await client.call("CountKeys", { tenantId: newTenant() });
+      expect.fail("the call succeeded without a database");
+    } catch (err) {
+      expect(err).to.be.instanceOf(RpcError);
+      expect((err as RpcError).code).to.equal(Code.Unavailable);
+      expect((err as RpcError).rawMessage).to.equal("database unavailable");
+    } finally {
+      client.close();
+    }
+  });
+});
