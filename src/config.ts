@@ -22,6 +22,8 @@ export interface Config {
   readonly pageTokenSecret: Uint8Array | undefined;
   /** SHUTDOWN_GRACE_MS: how long calls in flight may run on after SIGTERM. */
   readonly shutdownGraceMs: number;
+  /** ROLLUP_INTERVAL_MS: how often to roll up closed days of usage; 0 = never in this process. */
+  readonly rollupIntervalMs: number;
 }
 
 /** A configuration variable has a value the service cannot use. */
@@ -77,5 +79,6 @@ export function loadConfig(env: Env = process.env): Config {
     statementTimeoutMs: integer(env, "DATABASE_STATEMENT_TIMEOUT_MS", 10_000, 0, 3_600_000),
     pageTokenSecret: pageTokenSecret(env),
     shutdownGraceMs: integer(env, "SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
+    rollupIntervalMs: integer(env, "ROLLUP_INTERVAL_MS", 60_000, 0, 86_400_000),
   });
 }

@@ -2,6 +2,7 @@ import { type Config, ConfigError, loadConfig } from "./config.js";
 import { demoKeys, demoTenants, loadDemoDataOnce } from "./db/demo.js";
 import { migrate, pendingMigrations } from "./db/migrate.js";
 import { openDatabase } from "./db/open.js";
+import { startRollupWorker } from "./db/rollup.js";
 import { findServiceSecret } from "./db/secrets.js";
 import { startServer } from "./server.js";
 import { createKeysDriverService } from "./service/keys-driver.js";
@@ -35,6 +36,13 @@ async function run(config: Config): Promise<void> {
       pageTokens: createPageTokenCodec(secret),
     });
     const server = await startServer({ handlers, host: config.host, port: config.port });
+    const rollup =
+      config.rollupIntervalMs > 0
+        ? startRollupWorker(db.sql, {
+            intervalMs: config.rollupIntervalMs,
+            onError: (err) => console.error("usage rollup failed; retrying at the next interval:", err),
+          })
+        : undefined;
     const where = db.embedded ? "embedded PostgreSQL" : "DATABASE_URL";
     console.log(
       `KeysDriverService listening on ${server.address} (gRPC over h2c, Connect and gRPC-Web over HTTP/1.1; database: ${where})`,
@@ -55,7 +63,7 @@ async function run(config: Config): Promise<void> {
           console.error("shutdown did not finish in time: exiting");
           process.exit(1);
         }, config.shutdownGraceMs + 10_000).unref();
-        server.close(config.shutdownGraceMs).then(resolve, resolve);
+        Promise.all([server.close(config.shutdownGraceMs), rollup?.stop()]).then(() => resolve(), resolve);
       };
       process.on("SIGINT", () => stop("SIGINT"));
       process.on("SIGTERM", () => stop("SIGTERM"));

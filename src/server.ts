@@ -2,7 +2,9 @@ import http from "node:http";
 import net from "node:net";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
+import { createHealthService } from "./service/health.js";
 import type { KeysDriverHandlers } from "./service/keys-driver.js";
 import { grpcServiceFor } from "./transport/grpc.js";
 
@@ -40,13 +42,22 @@ const http2Preface = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
  * connect-node's cost per call (see docs/DESIGN.md).
  */
 export async function startServer(deps: ServerDeps): Promise<RunningServer> {
+  let draining = false;
+  const health = createHealthService(() => !draining);
   const grpcServer = new grpc.Server();
-  const { definition, implementation } = grpcServiceFor(KeysDriverService, deps.handlers);
-  grpcServer.addService(definition, implementation);
+  for (const [service, handlers] of [
+    [KeysDriverService, deps.handlers],
+    [Health, health],
+  ] as const) {
+    const { definition, implementation } = grpcServiceFor(service, handlers);
+    grpcServer.addService(definition, implementation);
+  }
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
 
   const httpServer = http.createServer(
-    connectNodeAdapter({ routes: (router) => router.service(KeysDriverService, deps.handlers) }),
+    connectNodeAdapter({
+      routes: (router) => router.service(KeysDriverService, deps.handlers).service(Health, health),
+    }),
   );
 
   const listener = net.createServer((socket) => {
@@ -82,6 +93,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
     port: bound.port,
     address: `${host}:${bound.port}`,
     async close(graceMs = 10_000) {
+      draining = true;
       const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
       httpServer.closeIdleConnections();
       const httpDone = new Promise<void>((resolve) => httpServer.close(() => resolve()));

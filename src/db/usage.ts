@@ -16,6 +16,12 @@ export interface UsageRow {
  * Sums one key's proxy_calls in [sinceUs, untilUs) (untilUs unset: the
  * database's now()). Undefined when the tenant has no such key, so a key of
  * another tenant reads exactly like a missing one.
+ *
+ * The whole UTC days inside the window that the rollup holds come from
+ * proxy_call_daily (one row per day); the rest of the window, at most a
+ * partial day at each edge plus the days not rolled up yet, from proxy_calls
+ * by index-only scans. One statement, one snapshot: the rollup job and the
+ * late-row trigger commit atomically, so the parts never overlap or miss.
  */
 export async function sumUsageSince(
   sql: Sql,
@@ -25,27 +31,74 @@ export async function sumUsageSince(
 ): Promise<UsageRow | undefined> {
   const until = window.untilUs === undefined ? sql`now()` : timestampAt(sql, window.untilUs);
   // cost_cents is never negative, so round() (half away from zero) is
-  // half-up; trim_scale drops numeric(20,6)'s trailing zeros.
+  // half-up; trim_scale drops the numeric's trailing zeros.
   const [row]: [UsageRow?] = await sql`
     with bounds as (
-      select ${timestampAt(sql, window.sinceUs)} as since, ${until} as until
+      select
+        w.since,
+        w.until,
+        greater.first_whole_day,
+        -- least() skips nulls: before the job's first run there is no rollup.
+        case when state.rolled_until is not null then
+          least(date_trunc('day', w.until, 'UTC'), state.rolled_until::timestamp at time zone 'UTC')
+        end as rolled_end
+      from (select ${timestampAt(sql, window.sinceUs)} as since, ${until} as until) as w
+      cross join usage_rollup_state as state
+      cross join lateral (
+        select greatest(
+          case when date_trunc('day', w.since, 'UTC') = w.since then w.since
+               else date_trunc('day', w.since, 'UTC') + interval '1 day' end,
+          state.rolled_from::timestamp at time zone 'UTC'
+        ) as first_whole_day
+      ) as greater
+      where state.singleton
+    ),
+    plan as (
+      -- rolled: [first_whole_day, rolled_end) from the rollup, when not empty;
+      -- raw: [since, raw_head_end) and [raw_tail_start, until).
+      select
+        since,
+        until,
+        coalesce(first_whole_day < rolled_end, false) as use_rollup,
+        case when first_whole_day < rolled_end then first_whole_day else until end as raw_head_end,
+        case when first_whole_day < rolled_end then rolled_end else until end as raw_tail_start,
+        first_whole_day,
+        rolled_end
+      from bounds
     )
     select
-      (extract(epoch from bounds.since) * 1000000)::int8 as since_us,
-      (extract(epoch from bounds.until) * 1000000)::int8 as until_us,
-      calls.request_count,
-      trim_scale(calls.spend)::text as spend_cents_exact,
-      round(calls.spend)::int8 as spend_cents
+      (extract(epoch from plan.since) * 1000000)::int8 as since_us,
+      (extract(epoch from plan.until) * 1000000)::int8 as until_us,
+      head.request_count + tail.request_count + rolled.request_count as request_count,
+      trim_scale(head.spend + tail.spend + rolled.spend)::text as spend_cents_exact,
+      round(head.spend + tail.spend + rolled.spend)::int8 as spend_cents
     from api_keys
-    cross join bounds
+    cross join plan
     cross join lateral (
       select count(*) as request_count, coalesce(sum(cost_cents), 0) as spend
       from proxy_calls
       where proxy_calls.tenant_id = ${tenantId}
         and proxy_calls.api_key_id = api_keys.id
-        and proxy_calls.created_at >= bounds.since
-        and proxy_calls.created_at < bounds.until
-    ) as calls
+        and proxy_calls.created_at >= plan.since
+        and proxy_calls.created_at < plan.raw_head_end
+    ) as head
+    cross join lateral (
+      select count(*) as request_count, coalesce(sum(cost_cents), 0) as spend
+      from proxy_calls
+      where proxy_calls.tenant_id = ${tenantId}
+        and proxy_calls.api_key_id = api_keys.id
+        and proxy_calls.created_at >= plan.raw_tail_start
+        and proxy_calls.created_at < plan.until
+    ) as tail
+    cross join lateral (
+      select coalesce(sum(request_count), 0)::int8 as request_count, coalesce(sum(spend_cents), 0) as spend
+      from proxy_call_daily
+      where proxy_call_daily.tenant_id = ${tenantId}
+        and proxy_call_daily.api_key_id = api_keys.id
+        and plan.use_rollup
+        and proxy_call_daily.day >= (plan.first_whole_day at time zone 'UTC')::date
+        and proxy_call_daily.day < (plan.rolled_end at time zone 'UTC')::date
+    ) as rolled
     where api_keys.tenant_id = ${tenantId}
       and api_keys.id = ${keyId}
   `;

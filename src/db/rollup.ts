@@ -1,0 +1,105 @@
+import type { Sql } from "./client.js";
+
+/** Lets one rollup job run at a time across every replica; an arbitrary constant. */
+const rollupLockKey = 7_301_944_513n;
+
+/** What one rollUpClosedDays call did. */
+export interface RollupRun {
+  /** False when another process held the job's lock (nothing was done). */
+  readonly ran: boolean;
+  /** UTC days rolled up, oldest first, as YYYY-MM-DD. */
+  readonly days: string[];
+}
+
+/**
+ * Rolls up closed UTC days (every day before today) into proxy_call_daily,
+ * one day per transaction: the day's sums and the move of rolled_until
+ * commit together, so a crash loses at most the day in progress, and the
+ * next run resumes there. Runs again are no-ops. With several replicas, only
+ * the one that gets the advisory lock works; the rest return at once.
+ *
+ * The job's statements span tenants by nature (it rolls up a day of every
+ * key), unlike every statement on the request path.
+ */
+export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: number } = {}): Promise<RollupRun> {
+  const maxDays = options.maxDays ?? 1000;
+  const days: string[] = [];
+  while (days.length < maxDays) {
+    const step = await sql.begin(async (tx) => {
+      const [lock]: [{ locked: boolean }?] = await tx`
+        select pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked
+      `;
+      if (!lock?.locked) return "busy" as const;
+      const [state]: [{ rolled_from: string | null; rolled_until: string | null; today: string }?] = await tx`
+        select rolled_from::text, rolled_until::text, (now() at time zone 'UTC')::date::text as today
+        from usage_rollup_state
+        where singleton
+        for update
+      `;
+      if (!state) throw new Error("usage_rollup_state has no row: run the migrations");
+      if (state.rolled_until === null) {
+        // First run: start at the oldest call's day (a one-time full scan);
+        // older days than that have no calls to roll up.
+        await tx`
+          update usage_rollup_state
+          set rolled_from = coalesce((select min(created_at) at time zone 'UTC' from proxy_calls)::date, ${state.today}::date),
+              rolled_until = coalesce((select min(created_at) at time zone 'UTC' from proxy_calls)::date, ${state.today}::date)
+          where singleton
+        `;
+        return "started" as const;
+      }
+      const day = state.rolled_until;
+      if (day >= state.today) return "done" as const;
+      await tx`
+        insert into proxy_call_daily (tenant_id, api_key_id, day, request_count, spend_cents)
+        select tenant_id, api_key_id, ${day}::date, count(*), sum(cost_cents)
+        from proxy_calls
+        where created_at >= ${day}::timestamp at time zone 'UTC'
+          and created_at < (${day}::date + 1)::timestamp at time zone 'UTC'
+        group by tenant_id, api_key_id
+        on conflict (tenant_id, api_key_id, day) do update
+          set request_count = excluded.request_count,
+              spend_cents = excluded.spend_cents
+      `;
+      await tx`
+        update usage_rollup_state
+        set rolled_until = ${day}::date + 1
+        where singleton
+      `;
+      return day;
+    });
+    if (step === "busy") return { ran: days.length > 0, days };
+    if (step === "done") break;
+    if (step !== "started") days.push(step);
+  }
+  return { ran: true, days };
+}
+
+/**
+ * Runs rollUpClosedDays now and then every `intervalMs` until stopped. A
+ * failed run is reported and retried at the next tick.
+ */
+export function startRollupWorker(
+  sql: Sql,
+  options: { readonly intervalMs: number; readonly onError: (err: unknown) => void },
+): { stop(): Promise<void> } {
+  let running: Promise<unknown> = Promise.resolve();
+  let stopped = false;
+  // Runs never overlap within a process; the advisory lock keeps them apart
+  // across processes.
+  const run = () => {
+    running = running.then(() => rollUpClosedDays(sql)).catch(options.onError);
+  };
+  run();
+  const timer = setInterval(() => {
+    if (!stopped) run();
+  }, options.intervalMs);
+  timer.unref();
+  return {
+    async stop() {
+      stopped = true;
+      clearInterval(timer);
+      await running;
+    },
+  };
+}
