@@ -44,7 +44,9 @@ const snapshot = (r: KeyRow) => ({
   totalRequests: r.total_requests.toString(),
   etag: r.version.toString(),
 });
-const micros = (t: { seconds: string; nanos: number }) => BigInt(t.seconds) * 1_000_000n + BigInt(t.nanos / 1000);
+// proto-loader leaves zero fields out (defaults: false).
+const micros = (t: { seconds?: string; nanos?: number }) =>
+  BigInt(t.seconds ?? 0) * 1_000_000n + BigInt(Math.floor((t.nanos ?? 0) / 1000));
 
 interface Req {
   tenantId: string;

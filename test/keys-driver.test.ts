@@ -9,7 +9,7 @@ import { insertCalls, insertKey, insertKeysAt, newTenant } from "./support/fixtu
 import { startTestService } from "./support/service.js";
 
 const svc = "keysdriver.v1.KeysDriverService";
-const etagPattern = /^\d+\.[A-Za-z0-9_-]{10}$/;
+const etagPattern = /^\d+\.[0-9a-z]{7}$/;
 
 /** The status a call fails with; fails the test if it succeeds. */
 async function failure(promise: Promise<unknown>): Promise<RpcError> {

@@ -11,6 +11,8 @@ export interface SqlOptions {
   readonly poolMax: number;
   /** Server-side cap on one statement, in milliseconds; 0 = none. */
   readonly statementTimeoutMs: number;
+  /** Sees the text and parameters of every statement sent (tests, benchmark). */
+  readonly onQuery?: (query: string, parameters: readonly unknown[]) => void;
 }
 
 /**
@@ -38,5 +40,8 @@ export function createSql(options: SqlOptions): Sql {
       ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {}),
     },
     onnotice: () => {},
+    ...(options.onQuery
+      ? { debug: (_connection: number, query: string, parameters: unknown[]) => options.onQuery?.(query, parameters) }
+      : {}),
   });
 }

@@ -5,6 +5,8 @@ import { type EmbeddedDatabase, startEmbeddedPostgres } from "./embedded.js";
 /** The database the process runs on, and how to let go of it. */
 export interface OpenDatabase {
   readonly sql: Sql;
+  /** The connection URL, for other processes. */
+  readonly url: string;
   /** Set when the database is the embedded one this process started. */
   readonly embedded: EmbeddedDatabase | undefined;
   /** Closes the pool, then stops the embedded server if there is one. */
@@ -39,6 +41,7 @@ export async function openDatabase(config: Config): Promise<OpenDatabase> {
   const sql = createSql({ url, poolMax: config.poolMax, statementTimeoutMs: config.statementTimeoutMs });
   return {
     sql,
+    url,
     embedded,
     async close() {
       await sql.end({ timeout: 5 });

@@ -16,11 +16,16 @@ const statuses = {
   expired: KeyStatus.EXPIRED,
 } as const;
 
+// Snapshots are built on every read, often 50 or more to a call, so they are
+// written as the plain message objects protobuf-es uses (every field set, and
+// $typeName) rather than through create()'s reflection; the types check that
+// no field is missing.
+
 /** Exact microseconds as a protobuf Timestamp. */
 export function timestampFromMicros(us: Micros): Timestamp {
   let seconds = us / 1_000_000n;
   if (us % 1_000_000n < 0n) seconds -= 1n;
-  return create(TimestampSchema, { seconds, nanos: Number(us - seconds * 1_000_000n) * 1000 });
+  return { $typeName: TimestampSchema.typeName, seconds, nanos: Number(us - seconds * 1_000_000n) * 1000 };
 }
 
 function optionalTimestamp(us: Micros | null): Timestamp | undefined {
@@ -29,7 +34,8 @@ function optionalTimestamp(us: Micros | null): Timestamp | undefined {
 
 /** The caller's view of a key row. */
 export function keySnapshot(row: KeyRow): KeySnapshot {
-  return create(KeySnapshotSchema, {
+  return {
+    $typeName: KeySnapshotSchema.typeName,
     id: row.id,
     tenantId: row.tenant_id,
     name: row.name,
@@ -42,7 +48,7 @@ export function keySnapshot(row: KeyRow): KeySnapshot {
     expiresAt: optionalTimestamp(row.expires_at_us),
     totalRequests: row.total_requests,
     etag: formatEtag(row.id, row.version),
-  });
+  };
 }
 
 /** The caller's view of a usage sum. */

@@ -3,6 +3,7 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
 import { toConnectError } from "../errors.js";
+import { createEncoder } from "./encoder.js";
 
 type UnaryHandler = (req: never) => Promise<unknown>;
 
@@ -43,7 +44,7 @@ export function grpcServiceFor(
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
       requestSerialize: serializer(method.input) as (message: unknown) => Buffer,
       requestDeserialize: deserializer(method.input),
-      responseSerialize: serializer(method.output) as (message: unknown) => Buffer,
+      responseSerialize: createEncoder(method.output).encode as (message: unknown) => Buffer,
       responseDeserialize: deserializer(method.output),
       originalName: method.localName,
     };
