@@ -165,10 +165,12 @@ function windows(days: number, count: number): [number, number][] {
 interface Scenario {
   readonly name: string;
   readonly calls: PlannedCall[];
-  /** The same store work, run in-process: the ceiling without RPC. */
-  readonly raw: (i: number) => Promise<unknown>;
+  /** The same store work, run in-process: the ceiling without RPC (none for the empty rpc). */
+  readonly raw?: (i: number) => Promise<unknown>;
   /** Compared with the peer (which implements these scenarios too). */
   readonly peer: boolean;
+  /** Also measured with connect-node serving gRPC (the transport not chosen). */
+  readonly viaConnect?: boolean;
 }
 
 function scenarios(f: Fixtures, store: KeyStore, tokens: PageTokenCodec): Scenario[] {
@@ -199,8 +201,8 @@ function scenarios(f: Fixtures, store: KeyStore, tokens: PageTokenCodec): Scenar
     {
       name: "empty rpc (Health.Check)",
       calls: [{ path: "/grpc.health.v1.Health/Check", frame: frame(HealthCheckRequestSchema, {}) }],
-      raw: async () => undefined,
       peer: true,
+      viaConnect: true,
     },
     {
       name: "FetchKeyById",
@@ -210,6 +212,7 @@ function scenarios(f: Fixtures, store: KeyStore, tokens: PageTokenCodec): Scenar
       })),
       raw: (i) => store.findKey(pick(f.sample, i).tenant_id, pick(f.sample, i).key_id),
       peer: true,
+      viaConnect: true,
     },
     {
       name: "FetchKeys first page (50)",
@@ -423,18 +426,37 @@ async function main(): Promise<number> {
   const common = { DATABASE_URL: db.url, PORT: "0", ROLLUP_INTERVAL_MS: "0", DATABASE_POOL_MAX: "10" };
   const ours = await startProcess("service", "src/main.ts", common, /listening on [\d.]+:(\d+)/);
   const peer = await startProcess("peer", "bench/peer.ts", common, /listening (\d+)/);
-  const rows: { scenario: string; ours: Measured; peer?: Measured; raw: Measured; pgbench?: Measured }[] = [];
+  const connectOnly = await startProcess("connect-node", "bench/connect-server.ts", common, /listening (\d+)/);
+  // Ctrl-C stops the servers and the embedded database too, not just this process.
+  const interrupted = async () => {
+    await Promise.all([stopProcess(ours.child), stopProcess(peer.child), stopProcess(connectOnly.child)]);
+    await db.close();
+    process.exit(130);
+  };
+  process.once("SIGINT", interrupted);
+  process.once("SIGTERM", interrupted);
+  const rows: {
+    scenario: string;
+    ours: Measured;
+    peer?: Measured;
+    connect?: Measured;
+    raw?: Measured;
+    pgbench?: Measured;
+  }[] = [];
   let failed = false;
   try {
-    for (const s of list.filter((s) => s.name.includes(args.only ?? ""))) {
+    const only = (args.only ?? "").split(",");
+    for (const s of list.filter((s) => only.some((o) => s.name.includes(o)))) {
       console.error(`measuring: ${s.name}`);
       const oursRuns: Measured[] = [];
       const peerRuns: Measured[] = [];
+      const connectRuns: Measured[] = [];
       for (let round = 0; round < rounds; round++) {
         oursRuns.push((await measureServer(ours, s.calls)).measured);
         if (s.peer) peerRuns.push((await measureServer(peer, s.calls)).measured);
+        if (s.viaConnect) connectRuns.push((await measureServer(connectOnly, s.calls)).measured);
       }
-      const raw = await measureRaw(s.raw);
+      const raw = s.raw ? await measureRaw(s.raw) : undefined;
       const o = median(oursRuns);
       const p = s.peer ? median(peerRuns) : undefined;
       rows.push({ scenario: s.name, ours: o, peer: p, raw });
@@ -461,6 +483,19 @@ async function main(): Promise<number> {
     );
     const byIdRow = rows.find((r) => r.scenario === "FetchKeyById");
     if (byIdRow && pgById) byIdRow.pgbench = pgById;
+
+    // CountKeys must be an index-only scan: the plan of the statement
+    // postgres.js sends, for the largest tenant.
+    captured.length = 0;
+    await store.countKeys(fixtures.bigTenants[0] ?? "");
+    const countSql = captured.at(-1) ?? "";
+    const [plan] = await db.sql.unsafe(`explain (analyze, format json) ${countSql}`, [fixtures.bigTenants[0] ?? ""]);
+    const planText = JSON.stringify(plan);
+    const countPlan = {
+      indexOnly: planText.includes('"Index Only Scan"'),
+      heapFetches: Number(/"Heap Fetches": (\d+)/.exec(planText)?.[1] ?? Number.NaN),
+      ms: Number(/"Execution Time": ([\d.]+)/.exec(planText)?.[1] ?? Number.NaN),
+    };
 
     // Latency against depth and window length, one call at a time.
     console.error("measuring latency against depth and window ...");
@@ -533,8 +568,8 @@ async function main(): Promise<number> {
       fmt(r.peer?.p99Ms ?? Number.NaN),
       fmt(r.peer?.cpuUsPerCall ?? Number.NaN, 0),
       fmt(r.ours.callsPerSecond / (r.peer?.callsPerSecond ?? Number.NaN)),
-      fmt(r.raw.callsPerSecond, 0),
-      fmt(r.ours.callsPerSecond / r.raw.callsPerSecond),
+      fmt(r.raw?.callsPerSecond ?? Number.NaN, 0),
+      fmt(r.ours.callsPerSecond / (r.raw?.callsPerSecond ?? Number.NaN)),
       fmt(r.pgbench?.callsPerSecond ?? Number.NaN, 0),
     ]);
     const widths = header.map((h, i) => Math.max(h.length, ...table.map((row) => (row[i] ?? "").length)));
@@ -548,9 +583,19 @@ async function main(): Promise<number> {
     );
     console.log(line(header));
     for (const row of table) console.log(line(row));
+    console.log("\nthe same handlers with connect-node serving gRPC (h2c) instead of grpc-js:");
+    for (const r of rows.filter((r) => r.connect)) {
+      const c = r.connect as Measured;
+      console.log(
+        `  ${r.scenario}: ${fmt(c.callsPerSecond, 0)} calls/s, p50 ${fmt(c.p50Ms)} ms, p99 ${fmt(c.p99Ms)} ms, CPU ${fmt(c.cpuUsPerCall, 0)} us/call (ours/connect-node ${fmt(r.ours.callsPerSecond / c.callsPerSecond)})`,
+      );
+    }
     console.log("\nlatency against depth (FetchKeys' SQL, one call at a time, p50 ms):");
     for (const p of depthPoints)
       console.log(`  depth ${String(p.depth).padStart(6)}: keyset ${fmt(p.keysetMs)}  offset ${fmt(p.offsetMs)}`);
+    console.log(
+      `CountKeys on a ${scale.bigTenantKeys}-key tenant: ${countPlan.indexOnly ? "Index Only Scan" : "NOT an index-only scan"}, ${countPlan.heapFetches} heap fetches, ${fmt(countPlan.ms)} ms`,
+    );
     console.log("latency against window (FetchKeyUsage's SQL on a hot key, p50 ms):");
     for (const p of windowPoints) console.log(`  ${String(p.days).padStart(3)} days: ${fmt(p.ms)}`);
 
@@ -571,6 +616,7 @@ async function main(): Promise<number> {
         ok: (v: number) => v <= 1.1,
       },
       { target: `deep page <= 1.5x first page`, value: deepPage / firstPage, ok: (v: number) => v <= 1.5 },
+      { target: "CountKeys is an index-only scan (1 = yes)", value: countPlan.indexOnly ? 1 : 0, ok: (v: number) => v === 1 },
       { target: `${scale.days}-day usage <= 1.5x 1-day usage`, value: allDays / oneDay, ok: (v: number) => v <= 1.5 },
       ...(soak
         ? [{ target: "soak: last minute >= 95% of first", value: soak.ratio, ok: (v: number) => v >= 0.95 }]
@@ -602,7 +648,7 @@ async function main(): Promise<number> {
     await writeFile(path.join(args.out, "latency.svg"), renderChart(depthPoints, windowPoints));
     console.log(`\nwrote ${path.join(args.out, "results.json")} and ${path.join(args.out, "latency.svg")}`);
   } finally {
-    await Promise.all([stopProcess(ours.child), stopProcess(peer.child)]);
+    await Promise.all([stopProcess(ours.child), stopProcess(peer.child), stopProcess(connectOnly.child)]);
     await benchSql.end();
     await db.close();
   }

@@ -1,3 +1,5 @@
+import os from "node:os";
+
 /**
  * The service's configuration, read once from the environment at start-up.
  * Every variable is optional; a bad value stops the start with a message
@@ -24,6 +26,11 @@ export interface Config {
   readonly shutdownGraceMs: number;
   /** ROLLUP_INTERVAL_MS: how often to roll up closed days of usage; 0 = never in this process. */
   readonly rollupIntervalMs: number;
+  /**
+   * WORKERS: processes serving the port. 0 = one per core. Unset: one per
+   * core when NODE_ENV=production, else 1.
+   */
+  readonly workers: number;
 }
 
 /** A configuration variable has a value the service cannot use. */
@@ -67,6 +74,12 @@ function pageTokenSecret(env: Env): Uint8Array | undefined {
   return new TextEncoder().encode(raw);
 }
 
+function workers(env: Env): number {
+  const cores = os.availableParallelism();
+  const n = integer(env, "WORKERS", env.NODE_ENV === "production" ? cores : 1, 0, 256);
+  return n === 0 ? cores : n;
+}
+
 /** Parses and checks the environment. */
 export function loadConfig(env: Env = process.env): Config {
   return Object.freeze({
@@ -80,5 +93,6 @@ export function loadConfig(env: Env = process.env): Config {
     pageTokenSecret: pageTokenSecret(env),
     shutdownGraceMs: integer(env, "SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
     rollupIntervalMs: integer(env, "ROLLUP_INTERVAL_MS", 60_000, 0, 86_400_000),
+    workers: workers(env),
   });
 }

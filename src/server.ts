@@ -15,6 +15,8 @@ export interface ServerDeps {
   readonly host: string;
   /** TCP port; 0 picks a free one. */
   readonly port: number;
+  /** The Prometheus text for GET /metrics; without it, /metrics is 404. */
+  readonly metricsText?: () => string;
 }
 
 /** A listening server. */
@@ -56,11 +58,20 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   }
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
 
-  const httpServer = http.createServer(
-    connectNodeAdapter({
-      routes: (router) => router.service(KeysDriverService, deps.handlers).service(Health, health),
-    }),
-  );
+  const connectHandler = connectNodeAdapter({
+    routes: (router) => router.service(KeysDriverService, deps.handlers).service(Health, health),
+  });
+  // Plain HTTP for probes and scrapers beside the rpcs: GET /healthz, GET /metrics.
+  const httpServer = http.createServer((req, res) => {
+    const path = req.url?.split("?")[0];
+    if (req.method === "GET" && path === "/healthz") {
+      res.writeHead(draining ? 503 : 200, { "content-type": "text/plain" }).end(draining ? "draining\n" : "ok\n");
+    } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
+      res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
+    } else {
+      connectHandler(req, res);
+    }
+  });
 
   const listener = net.createServer((socket) => {
     socket.setNoDelay(true);

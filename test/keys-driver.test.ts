@@ -2,11 +2,9 @@ import { randomUUID } from "node:crypto";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
-import type { RunningServer } from "../src/server.js";
 import { connectGrpcCaller, grpcJsCaller, type JsonCaller, RpcError } from "./support/clients.js";
-import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertCalls, insertKey, insertKeysAt, newTenant } from "./support/fixtures.js";
-import { startTestService } from "./support/service.js";
+import { useTestService } from "./support/service.js";
 
 const svc = "keysdriver.v1.KeysDriverService";
 const etagPattern = /^\d+\.[0-9a-z]{7}$/;
@@ -35,31 +33,20 @@ function withoutEtag(key: unknown): JsonObject {
 }
 
 describe(`${svc} over the gRPC protocol`, () => {
-  let db: TestDatabase;
-  let server: RunningServer;
-
-  before(async () => {
-    db = await createTestDatabase();
-    server = await startTestService(db.sql);
-  });
-
-  after(async () => {
-    await server?.close(1000);
-    await db?.drop();
-  });
+  const service = useTestService();
 
   for (const makeCaller of [connectGrpcCaller, grpcJsCaller]) {
     describe(`called through ${makeCaller === grpcJsCaller ? "@grpc/grpc-js" : "connect-node"}`, () => {
       let client: JsonCaller;
       before(() => {
-        client = makeCaller(server.address);
+        client = makeCaller(service.server.address);
       });
       after(() => client.close());
 
       describe("FetchKeyById", () => {
         it("returns every field of the key exactly, int64 beyond 2^53 included", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, {
+          const keyId = await insertKey(service.db.sql, {
             tenantId,
             name: "billing",
             keyPrefix: "sk_live_ab12",
@@ -89,7 +76,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("leaves unset the timestamps a key does not have", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId, createdAt: "2026-01-02 00:00:00+00" });
+          const keyId = await insertKey(service.db.sql, { tenantId, createdAt: "2026-01-02 00:00:00+00" });
           const res = await client.call("FetchKeyById", { tenantId, keyId });
           expect(withoutEtag(res.key)).to.deep.equal({
             id: keyId,
@@ -102,7 +89,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("accepts an upper-case UUID and answers with the canonical one", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const res = await client.call("FetchKeyById", {
             tenantId: tenantId.toUpperCase(),
             keyId: keyId.toUpperCase(),
@@ -112,7 +99,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("answers NOT_FOUND for another tenant's key, exactly as for a missing key", async () => {
           const owner = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId: owner });
+          const keyId = await insertKey(service.db.sql, { tenantId: owner });
           const other = await failure(client.call("FetchKeyById", { tenantId: newTenant(), keyId }));
           const missing = await failure(client.call("FetchKeyById", { tenantId: owner, keyId: randomUUID() }));
           expect(other.code).to.equal(Code.NotFound);
@@ -139,18 +126,18 @@ describe(`${svc} over the gRPC protocol`, () => {
       describe("FetchKeyForUpdate", () => {
         it("returns the key with an etag that changes when the key changes", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId, name: "a" });
+          const keyId = await insertKey(service.db.sql, { tenantId, name: "a" });
           const before = (await client.call("FetchKeyForUpdate", { tenantId, keyId })).key as JsonObject;
           const again = (await client.call("FetchKeyForUpdate", { tenantId, keyId })).key as JsonObject;
           expect(again.etag).to.equal(before.etag);
-          await db.sql`update api_keys set name = 'b' where tenant_id = ${tenantId} and id = ${keyId}`;
+          await service.db.sql`update api_keys set name = 'b' where tenant_id = ${tenantId} and id = ${keyId}`;
           const after = (await client.call("FetchKeyForUpdate", { tenantId, keyId })).key as JsonObject;
           expect(after.name).to.equal("b");
           expect(after.etag).to.match(etagPattern).and.not.equal(before.etag);
         });
 
         it("answers NOT_FOUND for another tenant's key and INVALID_ARGUMENT for a bad id", async () => {
-          const keyId = await insertKey(db.sql, { tenantId: newTenant() });
+          const keyId = await insertKey(service.db.sql, { tenantId: newTenant() });
           await expectStatus(
             client.call("FetchKeyForUpdate", { tenantId: newTenant(), keyId }),
             Code.NotFound,
@@ -167,10 +154,10 @@ describe(`${svc} over the gRPC protocol`, () => {
       describe("CountKeys", () => {
         it("counts the tenant's keys in every status, and only its own", async () => {
           const tenantId = newTenant();
-          await insertKey(db.sql, { tenantId, status: "active" });
-          await insertKey(db.sql, { tenantId, status: "revoked" });
-          await insertKey(db.sql, { tenantId, status: "expired", isFrozen: true });
-          await insertKey(db.sql, { tenantId: newTenant() });
+          await insertKey(service.db.sql, { tenantId, status: "active" });
+          await insertKey(service.db.sql, { tenantId, status: "revoked" });
+          await insertKey(service.db.sql, { tenantId, status: "expired", isFrozen: true });
+          await insertKey(service.db.sql, { tenantId: newTenant() });
           expect(await client.call("CountKeys", { tenantId })).to.deep.equal({ count: "3" });
         });
 
@@ -186,7 +173,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
       describe("FetchKeys", () => {
         async function expectedOrder(tenantId: string): Promise<string[]> {
-          const rows: { id: string }[] = await db.sql`
+          const rows: { id: string }[] = await service.db.sql`
             select id from api_keys where tenant_id = ${tenantId} order by created_at desc, id desc
           `;
           return rows.map((r) => r.id);
@@ -207,8 +194,16 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("lists keys newest first, with the same snapshots as FetchKeyById", async () => {
           const tenantId = newTenant();
-          const older = await insertKey(db.sql, { tenantId, name: "older", createdAt: "2026-01-01 00:00:00+00" });
-          const newer = await insertKey(db.sql, { tenantId, name: "newer", createdAt: "2026-01-02 00:00:00+00" });
+          const older = await insertKey(service.db.sql, {
+            tenantId,
+            name: "older",
+            createdAt: "2026-01-01 00:00:00+00",
+          });
+          const newer = await insertKey(service.db.sql, {
+            tenantId,
+            name: "newer",
+            createdAt: "2026-01-02 00:00:00+00",
+          });
           const res = await client.call("FetchKeys", { tenantId });
           const keys = res.keys as JsonObject[];
           expect(keys.map((k) => k.id)).to.deep.equal([newer, older]);
@@ -219,9 +214,9 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("walks every key exactly once and in order, also when keys share created_at", async () => {
           const tenantId = newTenant();
-          await insertKeysAt(db.sql, tenantId, "2026-03-01 00:00:00+00", 23);
-          await insertKeysAt(db.sql, tenantId, "2026-03-02 00:00:00+00", 5);
-          await insertKeysAt(db.sql, tenantId, "2026-02-28 00:00:00+00", 9);
+          await insertKeysAt(service.db.sql, tenantId, "2026-03-01 00:00:00+00", 23);
+          await insertKeysAt(service.db.sql, tenantId, "2026-03-02 00:00:00+00", 5);
+          await insertKeysAt(service.db.sql, tenantId, "2026-02-28 00:00:00+00", 9);
           const ids = await walk(tenantId, 7);
           expect(ids).to.deep.equal(await expectedOrder(tenantId));
           expect(new Set(ids).size).to.equal(37);
@@ -229,15 +224,15 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("neither repeats nor skips existing keys when keys are added between pages", async () => {
           const tenantId = newTenant();
-          await insertKeysAt(db.sql, tenantId, "2026-04-01 00:00:00+00", 12);
-          await insertKeysAt(db.sql, tenantId, "2026-04-02 00:00:00+00", 8);
+          await insertKeysAt(service.db.sql, tenantId, "2026-04-01 00:00:00+00", 12);
+          await insertKeysAt(service.db.sql, tenantId, "2026-04-02 00:00:00+00", 8);
           const existing = await expectedOrder(tenantId);
           const first = await client.call("FetchKeys", { tenantId, pageSize: 6 });
           const seen = (first.keys as JsonObject[]).map((k) => k.id as string);
           // Newer keys, keys at the page boundary's instant, and older keys.
-          await insertKeysAt(db.sql, tenantId, "2026-05-01 00:00:00+00", 4);
-          await insertKeysAt(db.sql, tenantId, "2026-04-01 00:00:00+00", 4);
-          await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 4);
+          await insertKeysAt(service.db.sql, tenantId, "2026-05-01 00:00:00+00", 4);
+          await insertKeysAt(service.db.sql, tenantId, "2026-04-01 00:00:00+00", 4);
+          await insertKeysAt(service.db.sql, tenantId, "2026-01-01 00:00:00+00", 4);
           let pageToken = first.nextPageToken as string;
           while (pageToken) {
             const res = await client.call("FetchKeys", { tenantId, pageSize: 6, pageToken });
@@ -252,7 +247,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("pages 50 keys by default and at most 1000", async () => {
           const tenantId = newTenant();
-          await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 1005);
+          await insertKeysAt(service.db.sql, tenantId, "2026-01-01 00:00:00+00", 1005);
           const byDefault = await client.call("FetchKeys", { tenantId });
           expect(byDefault.keys).to.have.length(50);
           expect(byDefault.nextPageToken).to.be.a("string").and.not.equal("");
@@ -269,7 +264,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("skips keys from the start or from the token's position", async () => {
           const tenantId = newTenant();
-          await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 10);
+          await insertKeysAt(service.db.sql, tenantId, "2026-01-01 00:00:00+00", 10);
           const order = await expectedOrder(tenantId);
           const skipped = await client.call("FetchKeys", { tenantId, pageSize: 3, skip: 2 });
           expect((skipped.keys as JsonObject[]).map((k) => k.id)).to.deep.equal(order.slice(2, 5));
@@ -285,8 +280,8 @@ describe(`${svc} over the gRPC protocol`, () => {
         it("never lists another tenant's keys", async () => {
           const mine = newTenant();
           const theirs = newTenant();
-          const myKey = await insertKey(db.sql, { tenantId: mine });
-          await insertKey(db.sql, { tenantId: theirs });
+          const myKey = await insertKey(service.db.sql, { tenantId: mine });
+          await insertKey(service.db.sql, { tenantId: theirs });
           const res = await client.call("FetchKeys", { tenantId: mine });
           expect((res.keys as JsonObject[]).map((k) => k.id)).to.deep.equal([myKey]);
           expect(await client.call("FetchKeys", { tenantId: newTenant() })).to.deep.equal({});
@@ -294,7 +289,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("refuses a token from another tenant, an edited token and garbage", async () => {
           const tenantId = newTenant();
-          await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 3);
+          await insertKeysAt(service.db.sql, tenantId, "2026-01-01 00:00:00+00", 3);
           const first = await client.call("FetchKeys", { tenantId, pageSize: 1 });
           const token = first.nextPageToken as string;
           await expectStatus(
@@ -332,8 +327,8 @@ describe(`${svc} over the gRPC protocol`, () => {
       describe("FetchKeyUsage", () => {
         async function keyWithCalls() {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
-          await insertCalls(db.sql, tenantId, keyId, [
+          const keyId = await insertKey(service.db.sql, { tenantId });
+          await insertCalls(service.db.sql, tenantId, keyId, [
             { costCents: "0.0125", at: "2026-05-01 00:00:00+00" },
             { costCents: "1.5", at: "2026-05-01 00:00:00.000001+00" },
             { costCents: "2.4875", at: "2026-05-02 00:00:00+00" },
@@ -371,8 +366,8 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("rounds the whole-cent total half-up", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
-          await insertCalls(db.sql, tenantId, keyId, [
+          const keyId = await insertKey(service.db.sql, { tenantId });
+          await insertCalls(service.db.sql, tenantId, keyId, [
             { costCents: "0.25", at: "2026-05-01 00:00:00+00" },
             { costCents: "0.25", at: "2026-05-01 00:00:01+00" },
             { costCents: "2", at: "2026-05-03 00:00:00+00" },
@@ -395,8 +390,8 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("keeps sums beyond 2^53 exact", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
-          await db.sql`
+          const keyId = await insertKey(service.db.sql, { tenantId });
+          await service.db.sql`
             insert into proxy_calls (tenant_id, api_key_id, cost_cents, created_at)
             select ${tenantId}, ${keyId}, 99999999999999.51, '2026-05-01'::timestamptz + n * interval '1 second'
             from generate_series(1, 100) as n
@@ -416,7 +411,7 @@ describe(`${svc} over the gRPC protocol`, () => {
           const until = Date.parse((all.usage as JsonObject).until as string);
           expect(Math.abs(until - Date.now())).to.be.below(60_000);
 
-          const idle = await insertKey(db.sql, { tenantId });
+          const idle = await insertKey(service.db.sql, { tenantId });
           const none = await client.call("FetchKeyUsage", {
             tenantId,
             keyId: idle,
@@ -470,7 +465,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
       describe("UpdateKeyFrozen and UpdateKeyUnfrozen", () => {
         async function stored(tenantId: string, keyId: string) {
-          const [row]: [Record<string, unknown>?] = await db.sql`
+          const [row]: [Record<string, unknown>?] = await service.db.sql`
             select is_frozen, frozen_at, freeze_reason, freeze_actor, unfreeze_reason, unfreeze_actor, version
             from api_keys where tenant_id = ${tenantId} and id = ${keyId}
           `;
@@ -479,7 +474,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("freezes with the database's clock and stores reason and actor", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const res = await client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "leaked", actor: "alice" });
           expect(res.changed).to.equal(true);
           const key = res.key as JsonObject;
@@ -494,7 +489,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("keeps the caller's frozen_at to the microsecond", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const res = await client.call("UpdateKeyFrozen", {
             tenantId,
             keyId,
@@ -505,7 +500,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("a frozen key stays frozen, with its first frozen_at, when the freeze is retried", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const first = await client.call("UpdateKeyFrozen", {
             tenantId,
             keyId,
@@ -526,7 +521,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("unfreezes, clearing frozen_at, and is idempotent too", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId, isFrozen: true });
+          const keyId = await insertKey(service.db.sql, { tenantId, isFrozen: true });
           const res = await client.call("UpdateKeyUnfrozen", { tenantId, keyId, reason: "rotated", actor: "bob" });
           expect(res.changed).to.equal(true);
           expect(res.key).to.not.have.property("isFrozen");
@@ -544,7 +539,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("applies an update with a current etag and refuses a stale one with ABORTED, writing nothing", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const { key } = await client.call("FetchKeyForUpdate", { tenantId, keyId });
           const etag = (key as JsonObject).etag as string;
           const frozen = await client.call("UpdateKeyFrozen", { tenantId, keyId, etag });
@@ -564,8 +559,8 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("refuses an etag of another key and a malformed etag", async () => {
           const tenantId = newTenant();
-          const a = await insertKey(db.sql, { tenantId });
-          const b = await insertKey(db.sql, { tenantId });
+          const a = await insertKey(service.db.sql, { tenantId });
+          const b = await insertKey(service.db.sql, { tenantId });
           const { key } = await client.call("FetchKeyForUpdate", { tenantId, keyId: a });
           const etagOfA = (key as JsonObject).etag as string;
           await expectStatus(
@@ -583,14 +578,15 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("answers NOT_FOUND for another tenant's key and leaves it untouched", async () => {
           const owner = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId: owner });
+          const keyId = await insertKey(service.db.sql, { tenantId: owner });
           await expectStatus(
             client.call("UpdateKeyFrozen", { tenantId: newTenant(), keyId }),
             Code.NotFound,
             "not found",
           );
           expect(await stored(owner, keyId)).to.include({ is_frozen: false, version: 1n });
-          await db.sql`update api_keys set is_frozen = true, frozen_at = now() where tenant_id = ${owner} and id = ${keyId}`;
+          await service.db
+            .sql`update api_keys set is_frozen = true, frozen_at = now() where tenant_id = ${owner} and id = ${keyId}`;
           await expectStatus(
             client.call("UpdateKeyUnfrozen", { tenantId: newTenant(), keyId }),
             Code.NotFound,
@@ -601,7 +597,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("refuses bad ids, an oversized reason or actor, and an invalid frozen_at", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           await expectStatus(client.call("UpdateKeyFrozen", { tenantId, keyId: "" }), Code.InvalidArgument, "key_id");
           await expectStatus(
             client.call("UpdateKeyUnfrozen", { tenantId: "", keyId }),
@@ -628,7 +624,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("200 concurrent freezes and unfreezes leave the key consistent, every change counted once", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const results = await Promise.all(
             Array.from({ length: 200 }, (_, i) =>
               client.call(i % 2 === 0 ? "UpdateKeyFrozen" : "UpdateKeyUnfrozen", {
@@ -648,7 +644,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("of many updates racing with the same etag, exactly one wins", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId });
           const { key } = await client.call("FetchKeyForUpdate", { tenantId, keyId });
           const etag = (key as JsonObject).etag as string;
           const outcomes = await Promise.allSettled(

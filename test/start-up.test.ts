@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { expect } from "chai";
 import { loadConfig } from "../src/config.js";
+import { createSql } from "../src/db/client.js";
 import { migrate, pendingMigrations } from "../src/db/migrate.js";
 import { createTestDatabase } from "./support/database.js";
 
@@ -74,5 +75,15 @@ describe("starting the service", () => {
     expect(() => loadConfig({ DATABASE_URL: "mysql://x" })).to.throw("DATABASE_URL");
     expect(() => loadConfig({ DATABASE_POOL_MAX: "0" })).to.throw("DATABASE_POOL_MAX");
     expect(() => loadConfig({ PAGE_TOKEN_SECRET: "short" })).to.throw("PAGE_TOKEN_SECRET");
+  });
+});
+
+describe("the database client", () => {
+  it("sends one query at a time per connection, so throughput holds under sustained load", async () => {
+    // postgres.js's default pipeline of 100 decays under load (docs/DESIGN.md);
+    // `npm run bench -- --soak` measures it, this keeps the setting from slipping.
+    const sql = createSql({ url: "postgres://x@127.0.0.1:1/x", poolMax: 3, statementTimeoutMs: 0 });
+    expect(sql.options).to.include({ max_pipeline: 1, max: 3 });
+    await sql.end();
   });
 });

@@ -6,28 +6,17 @@ import { createKeysDriverService } from "../src/service/keys-driver.js";
 import { createPageTokenCodec } from "../src/service/page-token.js";
 import { createPostgresStore } from "../src/store.js";
 import { connectProtocolCaller, grpcJsCaller, grpcWebCaller, RpcError } from "./support/clients.js";
-import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
-import { startTestService } from "./support/service.js";
+import { useTestService } from "./support/service.js";
 
 describe("one port for every protocol", () => {
-  let db: TestDatabase;
-  let server: RunningServer;
-
-  before(async () => {
-    db = await createTestDatabase();
-    server = await startTestService(db.sql);
-  });
-  after(async () => {
-    await server?.close(1000);
-    await db?.drop();
-  });
+  const service = useTestService();
 
   for (const makeCaller of [connectProtocolCaller, grpcWebCaller]) {
     it(`serves ${makeCaller === grpcWebCaller ? "gRPC-Web" : "the Connect protocol"} over HTTP/1.1 on the gRPC port`, async () => {
-      const client = makeCaller(server.address);
+      const client = makeCaller(service.server.address);
       const tenantId = newTenant();
-      const keyId = await insertKey(db.sql, { tenantId, name: "web" });
+      const keyId = await insertKey(service.db.sql, { tenantId, name: "web" });
       const res = await client.call("FetchKeyById", { tenantId, keyId });
       expect(res.key).to.include({ id: keyId, name: "web" });
       try {

@@ -11,6 +11,7 @@ import {
   UpdateKeyUnfrozenResponseSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 import { type ErrorLogger, invalidArgument, notFound, toConnectError } from "../errors.js";
+import type { Metrics } from "../metrics.js";
 import type { FreezeOutcome, KeyStore } from "../store.js";
 import { parseEtag } from "./etag.js";
 import type { PageTokenCodec } from "./page-token.js";
@@ -29,7 +30,16 @@ export interface KeysDriverDeps {
   readonly store: KeyStore;
   readonly pageTokens: PageTokenCodec;
   readonly logError?: ErrorLogger;
+  /** Counts calls by method and status, when given. */
+  readonly metrics?: Metrics;
 }
+
+// "InvalidArgument" → "INVALID_ARGUMENT", the names gRPC tooling shows.
+const codeNames = new Map(
+  Object.entries(Code)
+    .filter(([, v]) => typeof v === "number")
+    .map(([name, v]) => [v as Code, name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase()]),
+);
 
 function freezeResult(outcome: FreezeOutcome) {
   switch (outcome.kind) {
@@ -50,20 +60,27 @@ function freezeResult(outcome: FreezeOutcome) {
  */
 export function createKeysDriverService(deps: KeysDriverDeps) {
   const { store, pageTokens } = deps;
+  const { metrics } = deps;
   // Every handler's failures go through one mapper, so a caller sees a
-  // deliberate status or INTERNAL, never a raw database error.
+  // deliberate status or INTERNAL, never a raw database error; and every
+  // call is counted here, whichever protocol brought it.
   const guard =
-    <Req, Res>(handler: (req: Req) => Promise<Res>) =>
+    <Req, Res>(method: string, handler: (req: Req) => Promise<Res>) =>
     async (req: Req): Promise<Res> => {
+      const started = metrics ? performance.now() : 0;
       try {
-        return await handler(req);
+        const res = await handler(req);
+        metrics?.record(method, "OK", (performance.now() - started) / 1000);
+        return res;
       } catch (err) {
-        throw toConnectError(err, deps.logError);
+        const error = toConnectError(err, deps.logError);
+        metrics?.record(method, codeNames.get(error.code) ?? String(error.code), (performance.now() - started) / 1000);
+        throw error;
       }
     };
 
   const service = {
-    fetchKeys: guard(async (req) => {
+    fetchKeys: guard("FetchKeys", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const requested = requireNonNegative("page_size", req.pageSize);
       const pageSize = requested === 0 ? defaultPageSize : Math.min(requested, maxPageSize);
@@ -80,12 +97,12 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(FetchKeysResponseSchema, { keys: page.map(keySnapshot), nextPageToken });
     }),
 
-    countKeys: guard(async (req) => {
+    countKeys: guard("CountKeys", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       return create(CountKeysResponseSchema, { count: await store.countKeys(tenantId) });
     }),
 
-    fetchKeyById: guard(async (req) => {
+    fetchKeyById: guard("FetchKeyById", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
       const row = await store.findKey(tenantId, keyId);
@@ -93,7 +110,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(FetchKeyByIdResponseSchema, { key: keySnapshot(row) });
     }),
 
-    fetchKeyUsage: guard(async (req) => {
+    fetchKeyUsage: guard("FetchKeyUsage", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
       const sinceUs = requireTimestamp("since", req.since);
@@ -104,7 +121,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(FetchKeyUsageResponseSchema, { usage: usageSnapshot(keyId, row) });
     }),
 
-    fetchKeyForUpdate: guard(async (req) => {
+    fetchKeyForUpdate: guard("FetchKeyForUpdate", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
       const row = await store.findKey(tenantId, keyId);
@@ -112,7 +129,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(FetchKeyForUpdateResponseSchema, { key: keySnapshot(row) });
     }),
 
-    updateKeyFrozen: guard(async (req) => {
+    updateKeyFrozen: guard("UpdateKeyFrozen", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
       const outcome = await store.freeze({
@@ -126,7 +143,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(UpdateKeyFrozenResponseSchema, freezeResult(outcome));
     }),
 
-    updateKeyUnfrozen: guard(async (req) => {
+    updateKeyUnfrozen: guard("UpdateKeyUnfrozen", async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
       const outcome = await store.unfreeze({

@@ -24,8 +24,6 @@ interface FieldPlan {
   write(value: unknown, buf: Buffer, pos: number): number;
 }
 
-const twoTo32 = 2 ** 32;
-
 function varintSize(n: number): number {
   let size = 1;
   while (n >= 128) {

@@ -1,18 +1,11 @@
 import type { DescMessage, DescService, MessageShape } from "@bufbuild/protobuf";
-import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { fromBinary } from "@bufbuild/protobuf";
 import { ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
 import { toConnectError } from "../errors.js";
 import { createEncoder } from "./encoder.js";
 
 type UnaryHandler = (req: never) => Promise<unknown>;
-
-function serializer<D extends DescMessage>(schema: D) {
-  return (message: MessageShape<D>): Buffer => {
-    const bytes = toBinary(schema, message);
-    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  };
-}
 
 function deserializer<D extends DescMessage>(schema: D) {
   return (bytes: Buffer): MessageShape<D> => fromBinary(schema, bytes);
@@ -42,7 +35,7 @@ export function grpcServiceFor(
       path: `/${service.typeName}/${method.name}`,
       requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
-      requestSerialize: serializer(method.input) as (message: unknown) => Buffer,
+      requestSerialize: createEncoder(method.input).encode as (message: unknown) => Buffer,
       requestDeserialize: deserializer(method.input),
       responseSerialize: createEncoder(method.output).encode as (message: unknown) => Buffer,
       responseDeserialize: deserializer(method.output),

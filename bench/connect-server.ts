@@ -1,0 +1,35 @@
+// The road not taken, kept measurable: the service's own handlers served
+// over gRPC (h2c) by connect-node alone, as docs/DESIGN.md compares with the
+// grpc-js path. Env: DATABASE_URL, PORT. Prints "listening <port>".
+import http2 from "node:http2";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
+import { createSql } from "../src/db/client.js";
+import { findServiceSecret } from "../src/db/secrets.js";
+import { createHealthService } from "../src/service/health.js";
+import { createKeysDriverService } from "../src/service/keys-driver.js";
+import { createPageTokenCodec } from "../src/service/page-token.js";
+import { createPostgresStore } from "../src/store.js";
+
+const sql = createSql({ url: process.env.DATABASE_URL ?? "", poolMax: 10, statementTimeoutMs: 10_000 });
+const secret = await findServiceSecret(sql, "page_token");
+if (!secret) throw new Error("no page token secret");
+const handlers = createKeysDriverService({ store: createPostgresStore(sql), pageTokens: createPageTokenCodec(secret) });
+const server = http2.createServer(
+  connectNodeAdapter({
+    routes: (router) =>
+      router.service(KeysDriverService, handlers).service(
+        Health,
+        createHealthService(() => true),
+      ),
+  }),
+);
+server.listen(Number(process.env.PORT ?? 0), "127.0.0.1", () => {
+  const address = server.address();
+  console.log(`listening ${typeof address === "object" && address ? address.port : 0}`);
+});
+process.on("SIGTERM", () => {
+  server.close();
+  sql.end().then(() => process.exit(0));
+});

@@ -1,0 +1,84 @@
+import { expect } from "chai";
+import { createSql, type Sql } from "../src/db/client.js";
+import { findServiceSecret } from "../src/db/secrets.js";
+import { type RunningServer, startServer } from "../src/server.js";
+import { createKeysDriverService } from "../src/service/keys-driver.js";
+import { createPageTokenCodec } from "../src/service/page-token.js";
+import { createPostgresStore } from "../src/store.js";
+import { grpcJsCaller, type JsonCaller } from "./support/clients.js";
+import { createTestDatabase, type TestDatabase } from "./support/database.js";
+import { insertCalls, insertKeysAt, newTenant } from "./support/fixtures.js";
+
+const tenantTables = ["api_keys", "proxy_calls", "proxy_call_daily"];
+
+// How often a statement reads or writes each tenant table, and how many
+// tenant_id = $n predicates it has: each reference needs one of its own.
+function references(statement: string): number {
+  let n = 0;
+  for (const table of tenantTables) {
+    n += (statement.match(new RegExp(`\\b(from|join|update|into)\\s+${table}\\b`, "gi")) ?? []).length;
+  }
+  return n;
+}
+
+function tenantPredicates(statement: string): number {
+  return (statement.match(/\btenant_id\s*=\s*\$\d+/gi) ?? []).length;
+}
+
+describe("every statement on the request path is scoped to one tenant", () => {
+  let db: TestDatabase;
+  let sql: Sql;
+  let server: RunningServer;
+  let client: JsonCaller;
+  const statements: string[] = [];
+
+  before(async () => {
+    db = await createTestDatabase();
+    sql = createSql({ url: db.url, poolMax: 4, statementTimeoutMs: 0, onQuery: (q) => statements.push(q) });
+    const secret = await findServiceSecret(db.sql, "page_token");
+    const handlers = createKeysDriverService({
+      store: createPostgresStore(sql),
+      pageTokens: createPageTokenCodec(secret ?? new Uint8Array(32)),
+      logError: () => {},
+    });
+    server = await startServer({ handlers, host: "127.0.0.1", port: 0 });
+    client = grpcJsCaller(server.address);
+  });
+  after(async () => {
+    client?.close();
+    await server?.close(1000);
+    await sql?.end();
+    await db?.drop();
+  });
+
+  it("filters by tenant_id in every statement of every rpc", async () => {
+    const tenantId = newTenant();
+    await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 3);
+    const [key]: [{ id: string }?] = await db.sql`select id from api_keys where tenant_id = ${tenantId} limit 1`;
+    const keyId = key?.id ?? "";
+    await insertCalls(db.sql, tenantId, keyId, [{ costCents: "1.5", at: "2026-01-02 00:00:00+00" }]);
+
+    const first = await client.call("FetchKeys", { tenantId, pageSize: 1 });
+    await client.call("FetchKeys", { tenantId, pageSize: 1, pageToken: first.nextPageToken as string, skip: 1 });
+    await client.call("CountKeys", { tenantId });
+    await client.call("FetchKeyById", { tenantId, keyId });
+    await client.call("FetchKeyForUpdate", { tenantId, keyId });
+    await client.call("FetchKeyUsage", { tenantId, keyId, since: "2026-01-01T00:00:00Z" });
+    await client.call("FetchKeyUsage", {
+      tenantId,
+      keyId,
+      since: "2026-01-01T00:00:00Z",
+      until: "2026-02-01T00:00:00Z",
+    });
+    await client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "r", actor: "a" });
+    await client.call("UpdateKeyUnfrozen", { tenantId, keyId });
+    await client.call("UpdateKeyFrozen", { tenantId, keyId, etag: "1.0000000" }).catch(() => undefined);
+    await client.call("FetchKeyById", { tenantId: newTenant(), keyId }).catch(() => undefined);
+
+    const onTenantTables = statements.filter((s) => references(s) > 0);
+    expect(onTenantTables.length, "statements seen").to.be.at.least(9);
+    for (const statement of onTenantTables) {
+      expect(tenantPredicates(statement), statement).to.be.at.least(references(statement));
+    }
+  });
+});
