@@ -69,21 +69,30 @@ export async function sumUsageSince(
     select
       (extract(epoch from plan.since) * 1000000)::int8 as since_us,
       (extract(epoch from plan.until) * 1000000)::int8 as until_us,
-      raw.request_count + rolled.request_count as request_count,
-      trim_scale(raw.spend + rolled.spend)::text as spend_cents_exact,
-      round(raw.spend + rolled.spend)::int8 as spend_cents
+      head.request_count + tail.request_count + rolled.request_count as request_count,
+      trim_scale(head.spend + tail.spend + rolled.spend)::text as spend_cents_exact,
+      round(head.spend + tail.spend + rolled.spend)::int8 as spend_cents
     from api_keys
     cross join plan
+    -- The two raw ranges are two subqueries on purpose: as one join over a
+    -- VALUES list of ranges, the planner stopped bounding the index scan by
+    -- time and read a hot key's every call (7 s instead of 1 ms).
     cross join lateral (
-      -- The two raw ranges; each is an index-only range scan.
       select count(*) as request_count, coalesce(sum(cost_cents), 0) as spend
-      from (values (plan.since, plan.raw_head_end), (plan.raw_tail_start, plan.until)) as raw_range (low, high)
-      join proxy_calls
-        on proxy_calls.tenant_id = ${tenantId}
+      from proxy_calls
+      where proxy_calls.tenant_id = ${tenantId}
         and proxy_calls.api_key_id = api_keys.id
-        and proxy_calls.created_at >= raw_range.low
-        and proxy_calls.created_at < raw_range.high
-    ) as raw
+        and proxy_calls.created_at >= plan.since
+        and proxy_calls.created_at < plan.raw_head_end
+    ) as head
+    cross join lateral (
+      select count(*) as request_count, coalesce(sum(cost_cents), 0) as spend
+      from proxy_calls
+      where proxy_calls.tenant_id = ${tenantId}
+        and proxy_calls.api_key_id = api_keys.id
+        and proxy_calls.created_at >= plan.raw_tail_start
+        and proxy_calls.created_at < plan.until
+    ) as tail
     cross join lateral (
       select coalesce(sum(request_count), 0)::int8 as request_count, coalesce(sum(spend_cents), 0) as spend
       from proxy_call_daily
