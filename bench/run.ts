@@ -459,10 +459,12 @@ async function main(): Promise<number> {
       const raw = s.raw ? await measureRaw(s.raw) : undefined;
       const o = median(oursRuns);
       const p = s.peer ? median(peerRuns) : undefined;
-      rows.push({ scenario: s.name, ours: o, peer: p, raw });
+      const connect = connectRuns.length > 0 ? median(connectRuns) : undefined;
+      rows.push({ scenario: s.name, ours: o, peer: p, connect, raw });
       for (const [who, runs] of [
         ["ours", oursRuns],
         ["peer", peerRuns],
+        ["connect-node", connectRuns],
       ] as const) {
         const errors = runs.filter((m) => Object.keys(m.errors).length > 0);
         if (errors.length > 0) {
@@ -493,8 +495,8 @@ async function main(): Promise<number> {
     const planText = JSON.stringify(plan);
     const countPlan = {
       indexOnly: planText.includes('"Index Only Scan"'),
-      heapFetches: Number(/"Heap Fetches": (\d+)/.exec(planText)?.[1] ?? Number.NaN),
-      ms: Number(/"Execution Time": ([\d.]+)/.exec(planText)?.[1] ?? Number.NaN),
+      heapFetches: Number(/"Heap Fetches": ?(\d+)/.exec(planText)?.[1] ?? Number.NaN),
+      ms: Number(/"Execution Time": ?([\d.]+)/.exec(planText)?.[1] ?? Number.NaN),
     };
 
     // Latency against depth and window length, one call at a time.
