@@ -618,7 +618,11 @@ async function main(): Promise<number> {
         ok: (v: number) => v <= 1.1,
       },
       { target: `deep page <= 1.5x first page`, value: deepPage / firstPage, ok: (v: number) => v <= 1.5 },
-      { target: "CountKeys is an index-only scan (1 = yes)", value: countPlan.indexOnly ? 1 : 0, ok: (v: number) => v === 1 },
+      {
+        target: "CountKeys is an index-only scan (1 = yes)",
+        value: countPlan.indexOnly ? 1 : 0,
+        ok: (v: number) => v === 1,
+      },
       { target: `${scale.days}-day usage <= 1.5x 1-day usage`, value: allDays / oneDay, ok: (v: number) => v <= 1.5 },
       ...(soak
         ? [{ target: "soak: last minute >= 95% of first", value: soak.ratio, ok: (v: number) => v >= 0.95 }]
