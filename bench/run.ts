@@ -342,16 +342,44 @@ function median(runs: Measured[]): Measured {
   return sorted[Math.floor(sorted.length / 2)] as Measured;
 }
 
-/** pgbench running `statement` (the text postgres.js sent) with a sampled key. */
-async function measurePgbench(url: string, statement: string, setup: string): Promise<Measured | undefined> {
+/**
+ * pgbench running `calls`' one statement (the text postgres.js sent), each
+ * transaction with the parameters of one of the calls, picked at random from
+ * a table the script reads with \gset.
+ */
+async function measurePgbench(
+  sql: Sql,
+  url: string,
+  calls: readonly { query: string; parameters: readonly unknown[] }[],
+): Promise<Measured | undefined> {
   try {
     execFileSync("pgbench", ["--version"], { stdio: "ignore" });
   } catch {
     return undefined;
   }
+  const statement = calls[0]?.query ?? "";
+  const width = calls[0]?.parameters.length ?? 0;
+  const columns = Array.from({ length: width }, (_, i) => `p${i + 1}`);
+  await sql.unsafe("drop table if exists bench.pgbench_parameters");
+  await sql.unsafe(
+    `create table bench.pgbench_parameters (n int primary key${columns.map((c) => `, ${c} text`).join("")})`,
+  );
+  for (const [n, call] of calls.entries()) {
+    const values = call.parameters.map((p) => (p === null || p === undefined ? null : String(p)));
+    await sql.unsafe(
+      `insert into bench.pgbench_parameters values ($1${columns.map((_, i) => `, $${i + 2}`).join("")})`,
+      [n + 1, ...values],
+    );
+  }
+  const pick = width > 0 ? `select ${columns.join(", ")} from bench.pgbench_parameters where n = :i \\gset\n` : "";
   const dir = await mkdtemp(path.join(os.tmpdir(), "pgbench-"));
   const script = path.join(dir, "script.sql");
-  await writeFile(script, `\\set i random(1, 10000)\n${setup}\n${statement.replace(/\s+/g, " ")};\n`);
+  // One line for pgbench: comments go first, or they would swallow the rest.
+  const text = statement
+    .replace(/--[^\n]*/g, "")
+    .replace(/\s+/g, " ")
+    .replace(/\$(\d+)/g, ":p$1");
+  await writeFile(script, `\\set i random(1, ${calls.length})\n${pick}${text};\n`);
   const out = execFileSync(
     "pgbench",
     [
@@ -418,8 +446,13 @@ async function main(): Promise<number> {
   if (!secret) throw new Error("no page token secret");
   const tokens = createPageTokenCodec(secret);
   const fixtures = await loadFixtures(db.sql, tokens);
-  const captured: string[] = [];
-  const benchSql = createSql({ url: db.url, poolMax: 10, statementTimeoutMs: 0, onQuery: (q) => captured.push(q) });
+  const captured: { query: string; parameters: readonly unknown[] }[] = [];
+  const benchSql = createSql({
+    url: db.url,
+    poolMax: 10,
+    statementTimeoutMs: 0,
+    onQuery: (query, parameters) => captured.push({ query, parameters }),
+  });
   const store = createPostgresStore(benchSql);
   const list = scenarios(fixtures, store, tokens);
 
@@ -474,23 +507,22 @@ async function main(): Promise<number> {
       }
     }
 
-    // pgbench on the statements postgres.js actually sent for the lookups.
-    captured.length = 0;
-    await store.findKey(fixtures.sample[0]?.tenant_id ?? "", fixtures.sample[0]?.key_id ?? "");
-    const byIdSql = (captured.at(-1) ?? "").replace("$1", ":p1").replace("$2", ":p2");
-    const pgById = await measurePgbench(
-      db.url,
-      byIdSql,
-      "select tenant_id as p1, key_id as p2 from bench.sample where n = :i \\gset",
-    );
-    const byIdRow = rows.find((r) => r.scenario === "FetchKeyById");
-    if (byIdRow && pgById) byIdRow.pgbench = pgById;
-
+    // pgbench on the statement postgres.js actually sends for each scenario,
+    // with the parameters of 200 of the scenario's varied calls.
+    for (const s of list.filter((s) => s.raw && only.some((o) => s.name.includes(o)))) {
+      const row = rows.find((r) => r.scenario === s.name);
+      if (!row) continue;
+      captured.length = 0;
+      for (let i = 0; i < 200; i++) await s.raw?.(i);
+      if (new Set(captured.map((c) => c.query)).size !== 1) continue; // e.g. freeze and unfreeze alternate
+      console.error(`pgbench: ${s.name}`);
+      row.pgbench = await measurePgbench(db.sql, db.url, captured);
+    }
     // CountKeys must be an index-only scan: the plan of the statement
     // postgres.js sends, for the largest tenant.
     captured.length = 0;
     await store.countKeys(fixtures.bigTenants[0] ?? "");
-    const countSql = captured.at(-1) ?? "";
+    const countSql = captured.at(-1)?.query ?? "";
     const [plan] = await db.sql.unsafe(`explain (analyze, format json) ${countSql}`, [fixtures.bigTenants[0] ?? ""]);
     const planText = JSON.stringify(plan);
     const countPlan = {
