@@ -87,6 +87,32 @@ describe(`${svc} over the gRPC protocol`, () => {
           });
         });
 
+        it("keeps instants before 1970 exact to the microsecond", async () => {
+          const tenantId = newTenant();
+          const keyId = await insertKey(service.db.sql, {
+            tenantId,
+            createdAt: "1969-12-31 23:59:59.999999+00",
+            expiresAt: "1901-02-03 04:05:06.000001+00",
+          });
+          const res = await client.call("FetchKeyById", { tenantId, keyId });
+          expect(res.key).to.include({
+            createdAt: "1969-12-31T23:59:59.999999Z",
+            expiresAt: "1901-02-03T04:05:06.000001Z",
+          });
+          await insertCalls(service.db.sql, tenantId, keyId, [{ costCents: "2", at: "1969-12-31 23:59:59.999999+00" }]);
+          const usage = await client.call("FetchKeyUsage", {
+            tenantId,
+            keyId,
+            since: "1969-12-31T23:59:59.999999Z",
+            until: "1970-01-01T00:00:00Z",
+          });
+          expect(usage.usage).to.include({
+            requestCount: "1",
+            spendCentsExact: "2",
+            since: "1969-12-31T23:59:59.999999Z",
+          });
+        });
+
         it("accepts an upper-case UUID and answers with the canonical one", async () => {
           const tenantId = newTenant();
           const keyId = await insertKey(service.db.sql, { tenantId });

@@ -1,12 +1,7 @@
+import { type Micros, splitMicros } from "../micros.js";
 import type { Sql } from "./client.js";
 
-/**
- * An instant as whole microseconds since the Unix epoch: PostgreSQL's own
- * precision, carried without a lossy float.
- */
-export type Micros = bigint;
-
-const perSecond = 1_000_000n;
+export type { Micros };
 
 /**
  * A SQL expression for the timestamptz at `us`, exact over the whole
@@ -14,8 +9,6 @@ const perSecond = 1_000_000n;
  * plus the microseconds as an interval.
  */
 export function timestampAt(sql: Sql, us: Micros) {
-  let seconds = us / perSecond;
-  if (us % perSecond < 0n) seconds -= 1n;
-  const micros = us - seconds * perSecond;
+  const { seconds, micros } = splitMicros(us);
   return sql`(to_timestamp(${seconds.toString()}::int8) + ${micros.toString()}::int8 * interval '1 microsecond')`;
 }

@@ -7,7 +7,8 @@ import {
   type KeyUsageSnapshot,
   KeyUsageSnapshotSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
-import type { KeyRow, Micros, UsageRow } from "../store.js";
+import { type Micros, splitMicros } from "../micros.js";
+import type { KeyRow, UsageRow } from "../store.js";
 import { formatEtag } from "./etag.js";
 
 const statuses = {
@@ -23,9 +24,8 @@ const statuses = {
 
 /** Exact microseconds as a protobuf Timestamp. */
 export function timestampFromMicros(us: Micros): Timestamp {
-  let seconds = us / 1_000_000n;
-  if (us % 1_000_000n < 0n) seconds -= 1n;
-  return { $typeName: TimestampSchema.typeName, seconds, nanos: Number(us - seconds * 1_000_000n) * 1000 };
+  const { seconds, micros } = splitMicros(us);
+  return { $typeName: TimestampSchema.typeName, seconds, nanos: Number(micros) * 1000 };
 }
 
 function optionalTimestamp(us: Micros | null): Timestamp | undefined {
