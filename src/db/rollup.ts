@@ -42,8 +42,12 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
         // older days than that have no calls to roll up.
         await tx`
           update usage_rollup_state
-          set rolled_from = coalesce((select min(created_at) at time zone 'UTC' from proxy_calls)::date, ${state.today}::date),
-              rolled_until = coalesce((select min(created_at) at time zone 'UTC' from proxy_calls)::date, ${state.today}::date)
+          set rolled_from = first.day,
+              rolled_until = first.day
+          from (
+            select coalesce((min(created_at) at time zone 'UTC')::date, ${state.today}::date) as day
+            from proxy_calls
+          ) as first
           where singleton
         `;
         return "started" as const;
