@@ -1,5 +1,7 @@
 import http from "node:http";
 import net from "node:net";
+import type { DescService } from "@bufbuild/protobuf";
+import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
@@ -49,17 +51,21 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // channelz keeps per-call statistics for a debugging service this server
   // does not offer; turning it off takes that bookkeeping off every call.
   const grpcServer = new grpc.Server({ "grpc.enable_channelz": 0 });
-  for (const [service, handlers] of [
-    [KeysDriverService, deps.handlers],
-    [Health, health],
-  ] as const) {
+  // Each service is registered with both servers in one place, so the
+  // protocols cannot drift apart.
+  const connectRoutes: ((router: ConnectRouter) => void)[] = [];
+  const serve = <S extends DescService>(service: S, handlers: Partial<ServiceImpl<S>>) => {
     const { definition, implementation } = grpcServiceFor(service, handlers);
     grpcServer.addService(definition, implementation);
-  }
+    connectRoutes.push((router) => router.service(service, handlers));
+  };
+  serve(KeysDriverService, deps.handlers);
+  serve(Health, health);
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
-
   const connectHandler = connectNodeAdapter({
-    routes: (router) => router.service(KeysDriverService, deps.handlers).service(Health, health),
+    routes: (router) => {
+      for (const route of connectRoutes) route(router);
+    },
   });
   // Plain HTTP for probes and scrapers beside the rpcs: GET /healthz, GET /metrics.
   const httpServer = http.createServer((req, res) => {
