@@ -59,8 +59,7 @@ function freezeResult(outcome: FreezeOutcome) {
  * context, so the gRPC transport can call them directly.
  */
 export function createKeysDriverService(deps: KeysDriverDeps) {
-  const { store, pageTokens } = deps;
-  const { metrics } = deps;
+  const { store, pageTokens, metrics, logError } = deps;
   // Every handler's failures go through one mapper, so a caller sees a
   // deliberate status or INTERNAL, never a raw database error; and every
   // call is counted here, whichever protocol brought it.
@@ -68,14 +67,15 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
     <Req, Res>(method: string, handler: (req: Req) => Promise<Res>) =>
     async (req: Req): Promise<Res> => {
       const started = metrics ? performance.now() : 0;
+      let code = "OK";
       try {
-        const res = await handler(req);
-        metrics?.record(method, "OK", (performance.now() - started) / 1000);
-        return res;
+        return await handler(req);
       } catch (err) {
-        const error = toConnectError(err, deps.logError);
-        metrics?.record(method, codeNames.get(error.code) ?? String(error.code), (performance.now() - started) / 1000);
+        const error = toConnectError(err, logError);
+        code = codeNames.get(error.code) ?? String(error.code);
         throw error;
+      } finally {
+        metrics?.record(method, code, (performance.now() - started) / 1000);
       }
     };
 
