@@ -1,7 +1,8 @@
-import postgres from "postgres";
+import type Postgres from "postgres";
+import postgres from "./postgres.js";
 
 /** The postgres.js client type this service runs its SQL on. */
-export type Sql = postgres.Sql<{ bigint: bigint }>;
+export type Sql = Postgres.Sql<{ bigint: bigint }>;
 
 /** How to reach and use the database. */
 export interface SqlOptions {
@@ -11,28 +12,30 @@ export interface SqlOptions {
   readonly poolMax: number;
   /** Server-side cap on one statement, in milliseconds; 0 = none. */
   readonly statementTimeoutMs: number;
+  /** How long to wait for a connection, in seconds; postgres.js's default (30) when unset. */
+  readonly connectTimeoutSeconds?: number;
   /** Sees the text and parameters of every statement sent (tests, benchmark). */
   readonly onQuery?: (query: string, parameters: readonly unknown[]) => void;
 }
 
 /**
- * Opens a pool. int8 columns arrive as bigint (never a lossy number), and
- * every connection runs in UTC.
+ * Opens a pool. int8 columns arrive as bigint (never a lossy number), every
+ * connection runs in UTC, and every statement's result is checked against
+ * the row count the server reported (see checkedResults).
  *
- * `max_pipeline: 1` sends one query at a time per connection. postgres.js's
- * default (100 queued on a connection) keeps throughput high at first but
- * decays under sustained load in 3.4.x, as its per-connection queue grows
- * costly to maintain; one in flight per connection holds steady, and a busy
- * pool still runs `poolMax` queries at once. The benchmark's soak mode
- * watches for a regression.
+ * `max_pipeline: 1` sends one query at a time per connection: postgres.js's
+ * default (up to 100 queued on a connection) decays under sustained load in
+ * 3.4.x as that queue grows costly to maintain (docs/DESIGN.md); a busy pool
+ * still runs `poolMax` queries at once.
  */
 export function createSql(options: SqlOptions): Sql {
   // max_pipeline is a real option that the bundled type definitions omit; a
   // variable (rather than a literal) lets it through the excess-property check.
   const pipeline = { max_pipeline: 1 };
-  return postgres(options.url, {
+  const sql = postgres(options.url, {
     ...pipeline,
     max: options.poolMax,
+    ...(options.connectTimeoutSeconds ? { connect_timeout: options.connectTimeoutSeconds } : {}),
     types: { bigint: postgres.BigInt },
     connection: {
       TimeZone: "UTC",
@@ -43,5 +46,87 @@ export function createSql(options: SqlOptions): Sql {
     ...(options.onQuery
       ? { debug: (_connection: number, query: string, parameters: unknown[]) => options.onQuery?.(query, parameters) }
       : {}),
+  });
+  return checkedResults(sql);
+}
+
+/** A statement's result did not hold the rows the server sent; it was not used. */
+export class ResultMismatchError extends Error {
+  constructor(rows: number, count: number) {
+    super(`the database driver returned ${rows} rows for a statement that produced ${count}`);
+    this.name = "ResultMismatchError";
+  }
+}
+
+interface PendingQuery {
+  resolve(result: unknown): void;
+  reject(error: unknown): void;
+}
+
+function isPendingQuery(value: unknown): value is PendingQuery {
+  return value instanceof Promise && typeof (value as Partial<PendingQuery>).resolve === "function";
+}
+
+// A statement with rows resolves with exactly as many as the server's
+// command tag counts ("SELECT 3", "UPDATE 1" with RETURNING). Statements
+// that return no rows (an INSERT without RETURNING) resolve empty.
+function checkResult(result: unknown): ResultMismatchError | undefined {
+  if (!Array.isArray(result) || result.length === 0) return undefined;
+  const count = (result as { count?: unknown }).count;
+  if (typeof count !== "number" || result.length === count) return undefined;
+  return new ResultMismatchError(result.length, count);
+}
+
+function checkQuery(query: unknown): void {
+  if (!isPendingQuery(query)) return;
+  const { resolve, reject } = query;
+  query.resolve = (result) => {
+    const mismatch = checkResult(result);
+    if (mismatch) reject(mismatch);
+    else resolve(result);
+  };
+}
+
+/**
+ * `sql`, with every statement it (and every transaction it begins or
+ * connection it reserves) runs checked before it resolves: a result whose
+ * length differs from the server's row count fails the statement with
+ * ResultMismatchError instead of reaching a caller. postgres.js 3.4.x can
+ * produce such a result after a statement fails part-way (see
+ * ./postgres-rows-fix.js, which fixes the cause); this guard keeps any
+ * recurrence from turning into a wrong answer.
+ */
+export function checkedResults<S extends Sql>(sql: S): S {
+  return new Proxy(sql, {
+    apply(target, self, args) {
+      const query: unknown = Reflect.apply(target, self, args);
+      checkQuery(query);
+      return query;
+    },
+    get(target, property, receiver) {
+      const value: unknown = Reflect.get(target, property, receiver);
+      if (typeof value !== "function") return value;
+      switch (property) {
+        case "unsafe":
+          return (...args: unknown[]) => {
+            const query: unknown = Reflect.apply(value, target, args);
+            checkQuery(query);
+            return query;
+          };
+        case "begin":
+          // begin([options,] fn): the transaction's own sql is checked too.
+          return (...args: unknown[]) => {
+            const last = args.at(-1);
+            if (typeof last === "function") {
+              args[args.length - 1] = (tx: Sql) => last(checkedResults(tx));
+            }
+            return Reflect.apply(value, target, args);
+          };
+        case "reserve":
+          return async () => checkedResults(await (value as () => Promise<Sql>).call(target));
+        default:
+          return value;
+      }
+    },
   });
 }
