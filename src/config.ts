@@ -16,6 +16,12 @@ export interface Config {
   readonly embeddedDataDir: string;
   /** EMBEDDED_PG_PORT: port of the embedded PostgreSQL; 0 = any free port. */
   readonly embeddedPort: number;
+  /**
+   * EMBEDDED_PG_STAGE_DIR: as root, where the PostgreSQL binaries and data go
+   * when the postgres user cannot reach them where they are (a project under
+   * /root, say).
+   */
+  readonly embeddedStageDir: string;
   /** DATABASE_POOL_MAX: connections in the pool. */
   readonly poolMax: number;
   /** DATABASE_STATEMENT_TIMEOUT_MS: server-side cap on one statement; 0 = none. */
@@ -33,8 +39,20 @@ export interface Config {
   readonly workers: number;
 }
 
+/**
+ * A start-up problem the operator can fix (a bad setting, a taken port, a
+ * database that is not ready): printed as one line that says what to do,
+ * without a stack.
+ */
+export class StartError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "StartError";
+  }
+}
+
 /** A configuration variable has a value the service cannot use. */
-export class ConfigError extends Error {
+export class ConfigError extends StartError {
   constructor(variable: string, problem: string) {
     super(`${variable} ${problem}`);
     this.name = "ConfigError";
@@ -88,6 +106,7 @@ export function loadConfig(env: Env = process.env): Config {
     port: integer(env, "PORT", 50051, 0, 65535),
     embeddedDataDir: env.EMBEDDED_PG_DIR || ".data/postgres",
     embeddedPort: integer(env, "EMBEDDED_PG_PORT", 0, 0, 65535),
+    embeddedStageDir: env.EMBEDDED_PG_STAGE_DIR || "/var/lib/keys-driver-service",
     poolMax: integer(env, "DATABASE_POOL_MAX", 10, 1, 1000),
     statementTimeoutMs: integer(env, "DATABASE_STATEMENT_TIMEOUT_MS", 10_000, 0, 3_600_000),
     pageTokenSecret: pageTokenSecret(env),

@@ -2,13 +2,14 @@ import { randomBytes } from "node:crypto";
 import { chmod, mkdtemp } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
+import { loadConfig } from "../../src/config.js";
 import { createSql, type Sql } from "../../src/db/client.js";
-import { type EmbeddedDatabase, startEmbeddedPostgres } from "../../src/db/embedded.js";
-import { migrate } from "../../src/db/migrate.js";
+import { type EmbeddedPostgres, startEmbeddedPostgres } from "../../src/process/embedded-postgres.js";
+import { migrate } from "../../src/schema/migrate.js";
 
 // One PostgreSQL server for the whole run: DATABASE_URL when set, otherwise
 // an embedded one in a temporary folder. Each suite gets its own database.
-let server: Promise<{ adminUrl: string; embedded?: EmbeddedDatabase }> | undefined;
+let server: Promise<{ adminUrl: string; embedded?: EmbeddedPostgres }> | undefined;
 
 function startServerOnce() {
   server ??= (async () => {
@@ -18,7 +19,12 @@ function startServerOnce() {
     // As root the server runs as the postgres user, who must reach the folder.
     await chmod(folder, 0o755);
     const dataDir = path.join(folder, "pg");
-    const embedded = await startEmbeddedPostgres({ dataDir, port: 0, persistent: false });
+    const embedded = await startEmbeddedPostgres({
+      dataDir,
+      port: 0,
+      persistent: false,
+      stageDir: loadConfig().embeddedStageDir,
+    });
     return { adminUrl: embedded.url, embedded };
   })();
   return server;
