@@ -5,14 +5,28 @@ import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
-import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
-import { createHealthService } from "./service/health.js";
-import type { KeysDriverHandlers } from "./service/keys-driver.js";
+import { StartError } from "./config.js";
+import { type CallObservers, observeCalls } from "./interceptors.js";
+import { createHealthService } from "./rpc/health.js";
 import { grpcServiceFor } from "./transport/grpc.js";
+
+/** A service and its handlers, to be served. */
+export interface ServiceRegistration<S extends DescService = DescService> {
+  readonly service: S;
+  readonly impl: Partial<ServiceImpl<S>>;
+}
+
+/** Pairs a service with its handlers, checking their types against each other. */
+export function registration<S extends DescService>(service: S, impl: Partial<ServiceImpl<S>>): ServiceRegistration {
+  return { service, impl } as ServiceRegistration;
+}
 
 /** What startServer needs. */
 export interface ServerDeps {
-  readonly handlers: KeysDriverHandlers;
+  /** The services to serve; the gRPC health service is added to them. */
+  readonly services: readonly ServiceRegistration[];
+  /** Applied around every handler of every service (src/interceptors.ts). */
+  readonly observers: CallObservers;
   /** Interface to listen on, e.g. "127.0.0.1". */
   readonly host: string;
   /** TCP port; 0 picks a free one. */
@@ -51,16 +65,15 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // channelz keeps per-call statistics for a debugging service this server
   // does not offer; turning it off takes that bookkeeping off every call.
   const grpcServer = new grpc.Server({ "grpc.enable_channelz": 0 });
-  // Each service is registered with both servers in one place, so the
-  // protocols cannot drift apart.
+  // Each service is registered with both servers in one place, with the
+  // same wrapped handlers, so the protocols cannot drift apart.
   const connectRoutes: ((router: ConnectRouter) => void)[] = [];
-  const serve = <S extends DescService>(service: S, handlers: Partial<ServiceImpl<S>>) => {
+  for (const { service, impl } of [...deps.services, registration(Health, health)]) {
+    const handlers = observeCalls(service, impl, deps.observers);
     const { definition, implementation } = grpcServiceFor(service, handlers);
     grpcServer.addService(definition, implementation);
     connectRoutes.push((router) => router.service(service, handlers));
-  };
-  serve(KeysDriverService, deps.handlers);
-  serve(Health, health);
+  }
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
   const connectHandler = connectNodeAdapter({
     routes: (router) => {
@@ -99,9 +112,21 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   });
 
   await new Promise<void>((resolve, reject) => {
-    listener.once("error", reject);
+    const refused = (err: NodeJS.ErrnoException) => {
+      const where = `${deps.host}:${deps.port}`;
+      if (err.code === "EADDRINUSE")
+        reject(new StartError(`${where} is already in use; stop what listens there or set PORT`));
+      else if (err.code === "EADDRNOTAVAIL")
+        reject(new StartError(`${deps.host} is not an address of this machine; set HOST`));
+      else if (err.code === "EACCES")
+        reject(new StartError(`listening on ${where} is not permitted; set PORT above 1023`));
+      else reject(err);
+    };
+    listener.once("error", refused);
     listener.listen(deps.port, deps.host, () => {
-      listener.off("error", reject);
+      listener.off("error", refused);
+      // Later errors (running out of file descriptors on accept) are reported, not fatal.
+      listener.on("error", (err) => (deps.observers.logError ?? console.error)("listener error", err));
       resolve();
     });
   });

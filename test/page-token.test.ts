@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { expect } from "chai";
-import { createPageTokenCodec } from "../src/service/page-token.js";
+import { createPageTokenCodec } from "../src/rpc/page-token.js";
 
 describe("page tokens", () => {
   const codec = createPageTokenCodec(new Uint8Array(32).fill(7));

@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { expect } from "chai";
 import { loadConfig } from "../src/config.js";
 import { createSql } from "../src/db/client.js";
-import { migrate, pendingMigrations } from "../src/db/migrate.js";
+import { migrate, pendingMigrations } from "../src/schema/migrate.js";
 import { createTestDatabase } from "./support/database.js";
 
 function runService(env: Record<string, string>): Promise<{ code: number | null; output: string }> {
@@ -27,10 +27,11 @@ describe("migrations", () => {
     const db = await createTestDatabase({ migrated: false });
     try {
       const pending = await pendingMigrations(db.sql);
-      expect(pending.map((m) => m.version)).to.deep.equal([1, 2]);
+      expect(pending.map((m) => m.version)).to.deep.equal([1, 2, 3]);
       expect((await migrate(db.sql)).map((m) => m.file)).to.deep.equal([
         "0001_keys_and_calls.sql",
         "0002_usage_rollup.sql",
+        "0003_epoch_micros.sql",
       ]);
       expect(await migrate(db.sql)).to.deep.equal([]);
       expect(await pendingMigrations(db.sql)).to.deep.equal([]);
@@ -43,7 +44,7 @@ describe("migrations", () => {
     const db = await createTestDatabase({ migrated: false });
     try {
       const runs = await Promise.all([migrate(db.sql), migrate(db.sql), migrate(db.sql)]);
-      expect(runs.flat().map((m) => m.version)).to.have.members([1, 2]);
+      expect(runs.flat().map((m) => m.version)).to.have.members([1, 2, 3]);
       const [row]: [{ n: bigint }?] = await db.sql`select count(*) as n from service_secrets`;
       expect(row?.n).to.equal(1n);
     } finally {

@@ -1,13 +1,9 @@
 import { expect } from "chai";
-import { createSql, type Sql } from "../src/db/client.js";
-import { findServiceSecret } from "../src/db/secrets.js";
-import { type RunningServer, startServer } from "../src/server.js";
-import { createKeysDriverService } from "../src/service/keys-driver.js";
-import { createPageTokenCodec } from "../src/service/page-token.js";
-import { createPostgresStore } from "../src/store.js";
+import type { RunningService } from "../src/service.js";
 import { grpcJsCaller, type JsonCaller } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertCalls, insertKeysAt, newTenant } from "./support/fixtures.js";
+import { startTestService } from "./support/service.js";
 
 const tenantTables = ["api_keys", "proxy_calls", "proxy_call_daily"];
 
@@ -27,27 +23,18 @@ function tenantPredicates(statement: string): number {
 
 describe("every statement on the request path is scoped to one tenant", () => {
   let db: TestDatabase;
-  let sql: Sql;
-  let server: RunningServer;
+  let server: RunningService;
   let client: JsonCaller;
   const statements: string[] = [];
 
   before(async () => {
     db = await createTestDatabase();
-    sql = createSql({ url: db.url, poolMax: 4, statementTimeoutMs: 0, onQuery: (q) => statements.push(q) });
-    const secret = await findServiceSecret(db.sql, "page_token");
-    const handlers = createKeysDriverService({
-      store: createPostgresStore(sql),
-      pageTokens: createPageTokenCodec(secret ?? new Uint8Array(32)),
-      logError: () => {},
-    });
-    server = await startServer({ handlers, host: "127.0.0.1", port: 0 });
+    server = await startTestService(db.url, {}, { onQuery: (q) => statements.push(q) });
     client = grpcJsCaller(server.address);
   });
   after(async () => {
     client?.close();
     await server?.close(1000);
-    await sql?.end();
     await db?.drop();
   });
 

@@ -1,13 +1,9 @@
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
-import { createSql } from "../src/db/client.js";
-import { type RunningServer, startServer } from "../src/server.js";
-import { createKeysDriverService } from "../src/service/keys-driver.js";
-import { createPageTokenCodec } from "../src/service/page-token.js";
-import { createPostgresStore } from "../src/store.js";
+import type { RunningService } from "../src/service.js";
 import { connectProtocolCaller, grpcJsCaller, grpcWebCaller, RpcError } from "./support/clients.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
-import { useTestService } from "./support/service.js";
+import { startTestService, useTestService } from "./support/service.js";
 
 describe("one port for every protocol", () => {
   const service = useTestService();
@@ -30,17 +26,15 @@ describe("one port for every protocol", () => {
 });
 
 describe("when the database is out of reach", () => {
-  let server: RunningServer;
+  let server: RunningService;
 
   before(async () => {
-    // Nothing listens on port 1: every query fails to connect.
-    const sql = createSql({ url: "postgres://nobody@127.0.0.1:1/none", poolMax: 1, statementTimeoutMs: 0 });
-    const handlers = createKeysDriverService({
-      store: createPostgresStore(sql),
-      pageTokens: createPageTokenCodec(new Uint8Array(32)),
-      logError: () => {},
+    // Nothing listens on port 1: every query fails to connect. The page
+    // token secret is given, so the start itself needs no database.
+    server = await startTestService("postgres://nobody@127.0.0.1:1/none", {
+      poolMax: 1,
+      pageTokenSecret: new Uint8Array(32),
     });
-    server = await startServer({ handlers, host: "127.0.0.1", port: 0 });
   });
   after(async () => {
     await server?.close(1000);

@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { expect } from "chai";
-import { rollUpClosedDays } from "../src/db/rollup.js";
-import { sumUsageSince } from "../src/db/usage.js";
+import { fetchKeyUsage } from "../src/db/usage.js";
+import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
 
@@ -83,7 +83,7 @@ describe("FetchKeyUsage's daily rollup", () => {
       // Every fifth window is a whole number of UTC days, edges at midnight.
       const since = i % 5 === 0 ? sinceUs - (sinceUs % dayUs) : sinceUs;
       const until = i % 5 === 0 ? untilUs - (untilUs % dayUs) : untilUs;
-      const got = await sumUsageSince(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
+      const got = await fetchKeyUsage(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
       const want = await rawSum(keyId, since, until);
       expect(
         { count: got?.request_count, exact: got?.spend_cents_exact },
@@ -98,7 +98,7 @@ describe("FetchKeyUsage's daily rollup", () => {
     keys = [];
     for (let i = 0; i < 4; i++) keys.push(await insertKey(db.sql, { tenantId }));
     await insertSpread(6000, 20, 1);
-    const [now]: [{ us: bigint }?] = await db.sql`select (extract(epoch from now()) * 1000000)::int8 as us`;
+    const [now]: [{ us: bigint }?] = await db.sql`select epoch_micros(now()) as us`;
     nowUs = now?.us ?? 0n;
   });
   after(async () => {
@@ -127,14 +127,14 @@ describe("FetchKeyUsage's daily rollup", () => {
     const keyId = keys[0] as string;
     const since = nowUs - 10n * dayUs - (nowUs % dayUs);
     const until = since + 3n * dayUs;
-    const before = await sumUsageSince(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
+    const before = await fetchKeyUsage(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
     await db.sql`
       insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
       values
         (${tenantId}, ${keyId}, to_timestamp(0) + ${(since + dayUs + 5n).toString()}::int8 * interval '1 microsecond', 0.333333),
         (${tenantId}, ${keyId}, to_timestamp(0) + ${(since + dayUs + 6n).toString()}::int8 * interval '1 microsecond', 0.000001)
     `;
-    const after = await sumUsageSince(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
+    const after = await fetchKeyUsage(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
     expect(after?.request_count).to.equal((before?.request_count ?? 0n) + 2n);
     expect(await rawSum(keyId, since, until)).to.deep.equal({
       count: after?.request_count,
@@ -144,7 +144,7 @@ describe("FetchKeyUsage's daily rollup", () => {
       delete from proxy_calls
       where tenant_id = ${tenantId} and api_key_id = ${keyId} and cost_cents in (0.333333, 0.000001)
     `;
-    const deleted = await sumUsageSince(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
+    const deleted = await fetchKeyUsage(db.sql, tenantId, keyId, { sinceUs: since, untilUs: until });
     expect([deleted?.request_count, deleted?.spend_cents_exact]).to.deep.equal([
       before?.request_count,
       before?.spend_cents_exact,

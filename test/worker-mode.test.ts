@@ -87,3 +87,40 @@ describe("worker mode (WORKERS=2)", () => {
     expect(refused, "something still listens on the port").to.equal(true);
   });
 });
+
+describe("worker mode when a worker cannot start", () => {
+  it("restarts it with a delay that doubles, not in a tight loop", async function () {
+    this.timeout(60_000);
+    const db = await createTestDatabase();
+    const blocker = net.createServer().listen(0, "127.0.0.1");
+    await new Promise((r) => blocker.once("listening", r));
+    const { port } = blocker.address() as net.AddressInfo;
+    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], {
+      env: { ...process.env, DATABASE_URL: db.url, PORT: String(port), WORKERS: "2", ROLLUP_INTERVAL_MS: "0" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    child.stdout?.on("data", (d) => {
+      output += d;
+    });
+    child.stderr?.on("data", (d) => {
+      output += d;
+    });
+    try {
+      const delays = () => [...output.matchAll(/starting another in (\d+) s/g)].map((m) => Number(m[1]));
+      const deadline = Date.now() + 30_000;
+      while (delays().length < 5 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+      const seen = delays();
+      expect(seen.length, output).to.be.at.least(5);
+      expect(seen.slice(0, 5)).to.deep.equal([1, 2, 4, 8, 16]);
+      expect(output).to.contain("is already in use");
+      const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+      child.kill("SIGTERM");
+      expect(await exited).to.equal(0);
+    } finally {
+      if (child.exitCode === null) child.kill("SIGKILL");
+      blocker.close();
+      await db.drop();
+    }
+  });
+});

@@ -1,5 +1,6 @@
+import type { Micros } from "../micros.js";
 import type { Sql } from "./client.js";
-import { type Micros, timestampAt } from "./time.js";
+import { timestampAt } from "./time.js";
 
 /** The status values the api_keys.status column allows. */
 export type KeyStatus = "active" | "revoked" | "expired";
@@ -42,8 +43,8 @@ export type FreezeOutcome =
   | { readonly kind: "stale" }
   | { readonly kind: "done"; readonly key: KeyRow; readonly changed: boolean };
 
-// Timestamps leave as exact microseconds (extract(epoch) is numeric since
-// PostgreSQL 14), never through a JS Date's milliseconds. Never the hash.
+// The columns a KeyRow is made of; never the hash. Instants leave as
+// microseconds since the epoch (epoch_micros, migration 0003).
 function keyColumns(sql: Sql) {
   return sql`
     id,
@@ -52,17 +53,17 @@ function keyColumns(sql: Sql) {
     key_prefix,
     status,
     is_frozen,
-    (extract(epoch from frozen_at) * 1000000)::int8 as frozen_at_us,
-    (extract(epoch from created_at) * 1000000)::int8 as created_at_us,
-    (extract(epoch from last_used_at) * 1000000)::int8 as last_used_at_us,
-    (extract(epoch from expires_at) * 1000000)::int8 as expires_at_us,
+    epoch_micros(frozen_at) as frozen_at_us,
+    epoch_micros(created_at) as created_at_us,
+    epoch_micros(last_used_at) as last_used_at_us,
+    epoch_micros(expires_at) as expires_at_us,
     total_requests,
     version
   `;
 }
 
 /** One key of a tenant, or undefined. */
-export async function findKeyById(sql: Sql, tenantId: string, keyId: string): Promise<KeyRow | undefined> {
+export async function fetchKeyById(sql: Sql, tenantId: string, keyId: string): Promise<KeyRow | undefined> {
   const [row]: [KeyRow?] = await sql`
     select ${keyColumns(sql)}
     from api_keys
@@ -76,7 +77,7 @@ export async function findKeyById(sql: Sql, tenantId: string, keyId: string): Pr
  * A page of a tenant's keys, newest first (created_at desc, id desc), after
  * `cursor` when given, skipping `skip` keys, at most `limit` keys.
  */
-export async function listKeysByTenant(
+export async function fetchKeys(
   sql: Sql,
   tenantId: string,
   options: { readonly cursor?: KeyCursor; readonly skip: number; readonly limit: number },
@@ -96,8 +97,15 @@ export async function listKeysByTenant(
   `;
 }
 
+/**
+ * One key of a tenant, for a conditional update: today the same statement as
+ * fetchKeyById; a separate name so that a store sending reads to a replica
+ * keeps this one on the primary (docs/SCALING.md).
+ */
+export const fetchKeyForUpdate = fetchKeyById;
+
 /** Number of keys a tenant has. */
-export async function countKeysByTenant(sql: Sql, tenantId: string): Promise<bigint> {
+export async function countKeys(sql: Sql, tenantId: string): Promise<bigint> {
   const [row]: [{ count: bigint }?] = await sql`
     select count(*) as count
     from api_keys
@@ -156,7 +164,10 @@ async function applyFreeze(sql: Sql, change: FreezeChange, set: ReturnType<Sql>)
  * Freezes a key: is_frozen and frozen_at (at `frozenAtUs`, or the database's
  * clock) with reason and actor. A frozen key keeps its first freeze.
  */
-export function freezeKey(sql: Sql, change: FreezeChange & { readonly frozenAtUs?: Micros }): Promise<FreezeOutcome> {
+export function updateKeyFrozen(
+  sql: Sql,
+  change: FreezeChange & { readonly frozenAtUs?: Micros },
+): Promise<FreezeOutcome> {
   const frozenAt = change.frozenAtUs === undefined ? sql`now()` : timestampAt(sql, change.frozenAtUs);
   return applyFreeze(
     sql,
@@ -171,7 +182,7 @@ export function freezeKey(sql: Sql, change: FreezeChange & { readonly frozenAtUs
 }
 
 /** Unfreezes a key: clears is_frozen and frozen_at, records reason and actor. */
-export function unfreezeKey(sql: Sql, change: FreezeChange): Promise<FreezeOutcome> {
+export function updateKeyUnfrozen(sql: Sql, change: FreezeChange): Promise<FreezeOutcome> {
   return applyFreeze(
     sql,
     change,

@@ -1,12 +1,13 @@
 import { type Micros, splitMicros } from "../micros.js";
 import type { Sql } from "./client.js";
 
-export type { Micros };
-
 /**
- * A SQL expression for the timestamptz at `us`, exact over the whole
- * timestamp range: whole seconds through to_timestamp (exact for integers)
- * plus the microseconds as an interval.
+ * A SQL expression for the timestamptz at `us` microseconds since the
+ * epoch, exact over the whole timestamp range: whole seconds through
+ * to_timestamp (exact for integers) plus the microseconds as an interval.
+ * Parameters go this way rather than through a JS Date, whose milliseconds
+ * would drop PostgreSQL's precision; the other way is the database's
+ * epoch_micros function (migration 0003).
  */
 export function timestampAt(sql: Sql, us: Micros) {
   const { seconds, micros } = splitMicros(us);

@@ -1,5 +1,6 @@
+import type { Micros } from "../micros.js";
 import type { Sql } from "./client.js";
-import { type Micros, timestampAt } from "./time.js";
+import { timestampAt } from "./time.js";
 
 /** A key's calls over a window, as the database summed them. */
 export interface UsageRow {
@@ -23,7 +24,7 @@ export interface UsageRow {
  * by index-only scans. One statement, one snapshot: the rollup job and the
  * late-row trigger commit atomically, so the parts never overlap or miss.
  */
-export async function sumUsageSince(
+export async function fetchKeyUsage(
   sql: Sql,
   tenantId: string,
   keyId: string,
@@ -67,8 +68,8 @@ export async function sumUsageSince(
       from bounds
     )
     select
-      (extract(epoch from plan.since) * 1000000)::int8 as since_us,
-      (extract(epoch from plan.until) * 1000000)::int8 as until_us,
+      epoch_micros(plan.since) as since_us,
+      epoch_micros(plan.until) as until_us,
       head.request_count + tail.request_count + rolled.request_count as request_count,
       trim_scale(head.spend + tail.spend + rolled.spend)::text as spend_cents_exact,
       round(head.spend + tail.spend + rolled.spend)::int8 as spend_cents
@@ -76,7 +77,7 @@ export async function sumUsageSince(
     cross join plan
     -- The two raw ranges are two subqueries on purpose: as one join over a
     -- VALUES list of ranges, the planner stopped bounding the index scan by
-    -- time and read a hot key's every call (7 s instead of 1 ms).
+    -- time and read a hot key's every call (docs/DESIGN.md).
     cross join lateral (
       select count(*) as request_count, coalesce(sum(cost_cents), 0) as spend
       from proxy_calls

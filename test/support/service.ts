@@ -1,38 +1,43 @@
-import type { Sql } from "../../src/db/client.js";
-import { findServiceSecret } from "../../src/db/secrets.js";
-import { type RunningServer, startServer } from "../../src/server.js";
-import { createKeysDriverService } from "../../src/service/keys-driver.js";
-import { createPageTokenCodec } from "../../src/service/page-token.js";
-import { createPostgresStore } from "../../src/store.js";
+import { type RunningService, type ServiceHooks, startService } from "../../src/service.js";
 import { createTestDatabase, type TestDatabase } from "./database.js";
 
-/** The real server on a free port, over the given database. */
-export async function startTestService(sql: Sql): Promise<RunningServer> {
-  const secret = await findServiceSecret(sql, "page_token");
-  if (!secret) throw new Error("the test database has no page token secret");
-  const handlers = createKeysDriverService({
-    store: createPostgresStore(sql),
-    pageTokens: createPageTokenCodec(secret),
-    logError: () => {},
-  });
-  return await startServer({ handlers, host: "127.0.0.1", port: 0 });
+/**
+ * The real service on a free port over the database at `databaseUrl`,
+ * started as the executable starts it; failures are not logged.
+ */
+export async function startTestService(
+  databaseUrl: string,
+  settings: { readonly poolMax?: number; readonly pageTokenSecret?: Uint8Array } = {},
+  hooks: ServiceHooks = {},
+): Promise<RunningService> {
+  return await startService(
+    {
+      databaseUrl,
+      host: "127.0.0.1",
+      port: 0,
+      poolMax: settings.poolMax ?? 10,
+      statementTimeoutMs: 30_000,
+      pageTokenSecret: settings.pageTokenSecret,
+    },
+    { logError: () => {}, ...hooks },
+  );
 }
 
-/** What a suite that calls the real server works with. */
+/** What a suite that calls the real service works with. */
 export interface ServiceUnderTest {
   readonly db: TestDatabase;
-  readonly server: RunningServer;
+  readonly server: RunningService;
 }
 
 /**
  * Registers mocha hooks that give the calling suite a fresh database and the
- * real server on it, torn down after the suite; read the fields in tests.
+ * real service on it, torn down after the suite; read the fields in tests.
  */
-export function useTestService(): ServiceUnderTest {
-  const state = {} as { db: TestDatabase; server: RunningServer };
+export function useTestService(settings: { readonly poolMax?: number } = {}): ServiceUnderTest {
+  const state = {} as { db: TestDatabase; server: RunningService };
   before(async () => {
     state.db = await createTestDatabase();
-    state.server = await startTestService(state.db.sql);
+    state.server = await startTestService(state.db.url, settings);
   });
   after(async () => {
     await state.server?.close(1000);

@@ -7,8 +7,8 @@ import {
   type KeyUsageSnapshot,
   KeyUsageSnapshotSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
+import type { KeyRow, UsageRow } from "../db/store.js";
 import { type Micros, splitMicros } from "../micros.js";
-import type { KeyRow, UsageRow } from "../store.js";
 import { formatEtag } from "./etag.js";
 
 const statuses = {

@@ -1,5 +1,5 @@
 import { readdir, readFile } from "node:fs/promises";
-import type { Sql } from "./client.js";
+import type { Sql } from "../db/client.js";
 
 const migrationsDir = new URL("./migrations/", import.meta.url);
 

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
-import type { Sql } from "./client.js";
+import type { Sql } from "../db/client.js";
 
 /** The demo tenants, fixed so that the README's commands work as written. */
 export const demoTenants = {

@@ -1,4 +1,4 @@
-import type { Sql } from "./client.js";
+import type { Sql } from "../db/client.js";
 
 /** Lets one rollup job run at a time across every replica; an arbitrary constant. */
 const rollupLockKey = 7_301_944_513n;

@@ -1,6 +1,6 @@
 import { createHmac, timingSafeEqual } from "node:crypto";
+import type { KeyCursor } from "../db/store.js";
 import { invalidArgument } from "../errors.js";
-import type { KeyCursor } from "../store.js";
 
 // Layout before base64url: format version (1 byte), created_at in micros
 // (int64, big-endian), key id (16 bytes), then a 16-byte HMAC-SHA256 over the

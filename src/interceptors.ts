@@ -1,0 +1,89 @@
+import type { DescMethod, DescService } from "@bufbuild/protobuf";
+import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { type ErrorLogger, toConnectError } from "./errors.js";
+import type { Metrics } from "./metrics.js";
+
+/**
+ * Work that every call of every service needs, whatever protocol brought it:
+ * wrapped around each method's handler where services are registered
+ * (src/server.ts), so handlers hold only their own logic.
+ */
+
+type UnaryHandler = (request: unknown, context?: HandlerContext) => Promise<unknown>;
+type StreamHandler = (request: unknown, context?: HandlerContext) => AsyncIterable<unknown>;
+
+/** What the call wrapper needs. */
+export interface CallObservers {
+  /** Counts calls by method and status. */
+  readonly metrics?: Metrics;
+  /** Told the cause of every INTERNAL or UNAVAILABLE answer. */
+  readonly logError?: ErrorLogger;
+}
+
+// "InvalidArgument" → "INVALID_ARGUMENT", the names gRPC tooling shows.
+const codeNames = new Map(
+  Object.entries(Code)
+    .filter(([, v]) => typeof v === "number")
+    .map(([name, v]) => [v as Code, name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase()]),
+);
+
+/** The gRPC name of a status code, e.g. "NOT_FOUND". */
+export function codeName(code: Code): string {
+  return codeNames.get(code) ?? String(code);
+}
+
+function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
+  const { metrics, logError } = observers;
+  return async (request, context) => {
+    const started = metrics ? performance.now() : 0;
+    let code = "OK";
+    try {
+      return await handler(request, context);
+    } catch (err) {
+      const error = toConnectError(err, logError);
+      code = codeName(error.code);
+      throw error;
+    } finally {
+      metrics?.record(method.name, code, (performance.now() - started) / 1000);
+    }
+  };
+}
+
+function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallObservers): StreamHandler {
+  const { metrics, logError } = observers;
+  return async function* (request, context) {
+    const started = metrics ? performance.now() : 0;
+    let code = "OK";
+    try {
+      yield* handler(request, context);
+    } catch (err) {
+      const error = toConnectError(err, logError);
+      code = codeName(error.code);
+      throw error;
+    } finally {
+      metrics?.record(method.name, code, (performance.now() - started) / 1000);
+    }
+  };
+}
+
+/**
+ * `impl` with every method wrapped: whatever escapes a handler becomes the
+ * ConnectError the caller sees (src/errors.ts, the one mapping), and every
+ * call is counted with its status.
+ */
+export function observeCalls<S extends DescService>(
+  service: S,
+  impl: Partial<ServiceImpl<S>>,
+  observers: CallObservers,
+): Partial<ServiceImpl<S>> {
+  const wrapped: Record<string, unknown> = {};
+  for (const method of service.methods) {
+    const handler = (impl as Record<string, unknown>)[method.localName];
+    if (typeof handler !== "function") continue;
+    wrapped[method.localName] =
+      method.methodKind === "unary"
+        ? wrapUnary(method, handler as UnaryHandler, observers)
+        : wrapStream(method, handler as StreamHandler, observers);
+  }
+  return wrapped as Partial<ServiceImpl<S>>;
+}
