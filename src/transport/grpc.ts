@@ -1,9 +1,7 @@
 import type { DescMessage, DescService, MessageShape } from "@bufbuild/protobuf";
-import { fromBinary } from "@bufbuild/protobuf";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ConnectError } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
-import { toConnectError } from "../errors.js";
-import { createEncoder } from "./encoder.js";
 
 type UnaryHandler = (req: never) => Promise<unknown>;
 
@@ -11,11 +9,20 @@ function deserializer<D extends DescMessage>(schema: D) {
   return (bytes: Buffer): MessageShape<D> => fromBinary(schema, bytes);
 }
 
-// connect's Code numbers are gRPC's status codes, so the mapping is the
-// identity; the message goes out as the status details text.
+// grpc-js wants a Buffer; this one shares toBinary's memory rather than copying it.
+function serializer<D extends DescMessage>(schema: D) {
+  return (message: MessageShape<D>): Buffer => {
+    const bytes = toBinary(schema, message);
+    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  };
+}
+
+// Handlers reach this point wrapped (src/interceptors.ts), so what they
+// throw is already the ConnectError for the caller. connect's Code numbers
+// are gRPC's status codes; the message goes out as the status details text.
 function toServiceError(err: unknown): Partial<grpc.ServiceError> {
-  const connectError = err instanceof ConnectError ? err : toConnectError(err);
-  return { code: connectError.code as number as grpc.status, details: connectError.rawMessage };
+  const error = ConnectError.from(err);
+  return { code: error.code as number as grpc.status, details: error.rawMessage };
 }
 
 /**
@@ -35,9 +42,9 @@ export function grpcServiceFor(
       path: `/${service.typeName}/${method.name}`,
       requestStream: method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming",
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
-      requestSerialize: createEncoder(method.input).encode as (message: unknown) => Buffer,
+      requestSerialize: serializer(method.input) as (message: unknown) => Buffer,
       requestDeserialize: deserializer(method.input),
-      responseSerialize: createEncoder(method.output).encode as (message: unknown) => Buffer,
+      responseSerialize: serializer(method.output) as (message: unknown) => Buffer,
       responseDeserialize: deserializer(method.output),
       originalName: method.localName,
     };
