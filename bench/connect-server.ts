@@ -7,21 +7,31 @@ import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { createSql } from "../src/db/client.js";
 import { findServiceSecret } from "../src/db/secrets.js";
-import { createHealthService } from "../src/service/health.js";
-import { createKeysDriverService } from "../src/service/keys-driver.js";
-import { createPageTokenCodec } from "../src/service/page-token.js";
-import { createPostgresStore } from "../src/store.js";
+import { createStore } from "../src/db/store.js";
+import { observeCalls } from "../src/interceptors.js";
+import { createHealthService } from "../src/rpc/health.js";
+import { createKeysDriverService } from "../src/rpc/keys-driver.js";
+import { createPageTokenCodec } from "../src/rpc/page-token.js";
 
 const sql = createSql({ url: process.env.DATABASE_URL ?? "", poolMax: 10, statementTimeoutMs: 10_000 });
 const secret = await findServiceSecret(sql, "page_token");
 if (!secret) throw new Error("no page token secret");
-const handlers = createKeysDriverService({ store: createPostgresStore(sql), pageTokens: createPageTokenCodec(secret) });
+// Wrapped as the service wraps them (src/server.ts), so that both sides do the same work per call.
+const handlers = observeCalls(
+  KeysDriverService,
+  createKeysDriverService(createStore(sql), createPageTokenCodec(secret)),
+  {},
+);
 const server = http2.createServer(
   connectNodeAdapter({
     routes: (router) =>
       router.service(KeysDriverService, handlers).service(
         Health,
-        createHealthService(() => true),
+        observeCalls(
+          Health,
+          createHealthService(() => true),
+          {},
+        ),
       ),
   }),
 );

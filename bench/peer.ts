@@ -7,10 +7,10 @@ import path from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { createSql } from "../src/db/client.js";
-import { findKeyById, freezeKey, type KeyRow, listKeysByTenant, unfreezeKey } from "../src/db/keys.js";
+import { fetchKeyById, fetchKeys, type KeyRow, updateKeyFrozen, updateKeyUnfrozen } from "../src/db/keys.js";
 import { findServiceSecret } from "../src/db/secrets.js";
-import { sumUsageSince } from "../src/db/usage.js";
-import { createPageTokenCodec } from "../src/service/page-token.js";
+import { fetchKeyUsage } from "../src/db/usage.js";
+import { createPageTokenCodec } from "../src/rpc/page-token.js";
 
 const sql = createSql({ url: process.env.DATABASE_URL ?? "", poolMax: 10, statementTimeoutMs: 10_000 });
 const secret = await findServiceSecret(sql, "page_token");
@@ -73,13 +73,13 @@ server.addService(loaded.grpc.health.v1.Health.service, {
 });
 server.addService(loaded.keysdriver.v1.KeysDriverService.service, {
   fetchKeyById: unary(async (req) => {
-    const row = await findKeyById(sql, req.tenantId, req.keyId);
+    const row = await fetchKeyById(sql, req.tenantId, req.keyId);
     return row && { key: snapshot(row) };
   }),
   fetchKeys: unary(async (req) => {
     const size = req.pageSize || 50;
     const cursor = req.pageToken ? tokens.decode(req.tenantId, req.pageToken) : undefined;
-    const rows = await listKeysByTenant(sql, req.tenantId, { cursor, skip: req.skip || 0, limit: size + 1 });
+    const rows = await fetchKeys(sql, req.tenantId, { cursor, skip: req.skip || 0, limit: size + 1 });
     const page = rows.slice(0, size);
     const last = page.at(-1);
     return {
@@ -89,7 +89,7 @@ server.addService(loaded.keysdriver.v1.KeysDriverService.service, {
     };
   }),
   fetchKeyUsage: unary(async (req) => {
-    const row = await sumUsageSince(sql, req.tenantId, req.keyId, {
+    const row = await fetchKeyUsage(sql, req.tenantId, req.keyId, {
       sinceUs: micros(req.since),
       untilUs: req.until ? micros(req.until) : undefined,
     });
@@ -107,11 +107,11 @@ server.addService(loaded.keysdriver.v1.KeysDriverService.service, {
     );
   }),
   updateKeyFrozen: unary(async (req) => {
-    const out = await freezeKey(sql, { tenantId: req.tenantId, keyId: req.keyId, reason: null, actor: null });
+    const out = await updateKeyFrozen(sql, { tenantId: req.tenantId, keyId: req.keyId, reason: null, actor: null });
     return out.kind === "done" ? { key: snapshot(out.key), changed: out.changed } : undefined;
   }),
   updateKeyUnfrozen: unary(async (req) => {
-    const out = await unfreezeKey(sql, { tenantId: req.tenantId, keyId: req.keyId, reason: null, actor: null });
+    const out = await updateKeyUnfrozen(sql, { tenantId: req.tenantId, keyId: req.keyId, reason: null, actor: null });
     return out.kind === "done" ? { key: snapshot(out.key), changed: out.changed } : undefined;
   }),
 });

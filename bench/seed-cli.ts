@@ -1,6 +1,6 @@
 // `npm run seed [-- --small]`: loads the benchmark data set into
 // DATABASE_URL, or into the benchmark's embedded PostgreSQL.
-import { migrate } from "../src/db/migrate.js";
+import { migrate } from "../src/schema/migrate.js";
 import { openBenchDatabase } from "./database.js";
 import { benchScale, seed, smallScale } from "./seed.js";
 

@@ -3,7 +3,7 @@
 // batches inside the database, with proxy_calls' indexes built after the
 // load, then the usage rollup and VACUUM ANALYZE.
 import type { Sql } from "../src/db/client.js";
-import { rollUpClosedDays } from "../src/db/rollup.js";
+import { rollUpClosedDays } from "../src/jobs/rollup.js";
 
 /** How big a data set to make. */
 export interface Scale {
