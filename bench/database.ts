@@ -7,5 +7,5 @@ import { openDatabase, type PreparedDatabase } from "../src/process/database.js"
  */
 export async function openBenchDatabase(): Promise<PreparedDatabase> {
   const config = loadConfig({ ...process.env, EMBEDDED_PG_DIR: process.env.BENCH_PG_DIR || ".data/bench" });
-  return await openDatabase({ ...config, poolMax: 4, statementTimeoutMs: 0 });
+  return await openDatabase({ ...config, statementTimeoutMs: 0 }, { poolMax: 4 });
 }

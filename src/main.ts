@@ -1,7 +1,8 @@
 import cluster from "node:cluster";
 import { type Config, loadConfig, StartError } from "./config.js";
 import type { Sql } from "./db/client.js";
-import { startRollupWorker } from "./jobs/rollup.js";
+import { type PeriodicJob, startPeriodicJob } from "./jobs/periodic.js";
+import { rollUpClosedDays } from "./jobs/rollup.js";
 import { type PreparedDatabase, prepareDatabase } from "./process/database.js";
 import { listenForShutdown, type ShutdownRequest } from "./process/signals.js";
 import { runWorker, runWorkers } from "./process/workers.js";
@@ -9,22 +10,29 @@ import { demoKeys, demoTenants } from "./schema/demo.js";
 import { startService } from "./service.js";
 
 // The executable (`npm start`): prepare the database, run the background
-// job, serve (here, or in worker processes) until asked to stop, then drain
+// jobs, serve (here, or in worker processes) until asked to stop, then drain
 // and stop in reverse order.
 
 const name = "keys-driver-service";
 
-function startRollup(config: Config, sql: Sql) {
-  if (config.rollupIntervalMs === 0) return undefined;
-  return startRollupWorker(sql, {
-    intervalMs: config.rollupIntervalMs,
-    onError: (err) => console.error("usage rollup failed; retrying at the next interval:", err),
-  });
+/** The background jobs: the usage rollup (one process at a time does the work). */
+function startJobs(config: Config, sql: Sql): PeriodicJob[] {
+  const jobs: PeriodicJob[] = [];
+  if (config.rollupIntervalMs > 0) {
+    jobs.push(
+      startPeriodicJob(() => rollUpClosedDays(sql), {
+        intervalMs: config.rollupIntervalMs,
+        onError: (err) => console.error("usage rollup failed; retrying at the next interval:", err),
+      }),
+    );
+  }
+  return jobs;
 }
 
-function printWelcome(address: string, db: PreparedDatabase): void {
+function printWelcome(address: string, db: PreparedDatabase, workers: number): void {
+  const where = workers > 1 ? `${address}, ${workers} workers` : address;
   console.log(
-    `KeysDriverService listening on ${address} (gRPC over h2c; Connect and gRPC-Web over HTTP/1.1; database: ${db.embedded ? "embedded PostgreSQL" : "DATABASE_URL"})`,
+    `KeysDriverService listening on ${where} (gRPC over h2c; Connect and gRPC-Web over HTTP/1.1; database: ${db.embedded ? "embedded PostgreSQL" : "DATABASE_URL"})`,
   );
   console.log("Try:");
   console.log(
@@ -35,7 +43,7 @@ function printWelcome(address: string, db: PreparedDatabase): void {
 /** Serves in this process until a shutdown signal, then drains. */
 async function serveHere(config: Config, db: PreparedDatabase, shutdown: ShutdownRequest): Promise<void> {
   const service = await startService({ ...config, databaseUrl: db.url });
-  printWelcome(service.address, db);
+  printWelcome(service.address, db, 1);
   const signal = await shutdown.requested;
   console.log(`${signal}: draining calls (up to ${config.shutdownGraceMs} ms), then stopping`);
   await service.close(config.shutdownGraceMs);
@@ -44,20 +52,27 @@ async function serveHere(config: Config, db: PreparedDatabase, shutdown: Shutdow
 async function run(config: Config, shutdown: ShutdownRequest): Promise<void> {
   if (cluster.isWorker) return await runWorker(config, shutdown);
   const db = await prepareDatabase(config, { onNotice: (message) => console.log(`${name}: ${message}`) });
-  const rollup = startRollup(config, db.sql);
+  const jobs = startJobs(config, db.sql);
   try {
-    // A stop asked for during start-up ends the start here.
-    if (shutdown.signal !== undefined) return;
-    if (config.workers > 1) await runWorkers(config, db.url, shutdown);
-    else await serveHere(config, db, shutdown);
+    if (shutdown.signal !== undefined) {
+      console.log(`${shutdown.signal} during start-up: stopping`);
+    } else if (config.workers > 1) {
+      await runWorkers(config, db.url, shutdown, (address) => printWelcome(address, db, config.workers));
+    } else {
+      await serveHere(config, db, shutdown);
+    }
   } finally {
-    await rollup?.stop();
+    await Promise.all(jobs.map((job) => job.stop()));
     await db.close();
   }
   console.log("stopped");
 }
 
-const shutdown = listenForShutdown();
+const shutdown = listenForShutdown((signal) => {
+  // The embedded database is told to stop by its exit handler.
+  console.error(`${name}: ${signal} again: stopping now, without waiting for calls in flight`);
+  process.exit(1);
+});
 try {
   const config = loadConfig();
   // A stop that hangs must not keep the process forever.
@@ -71,5 +86,7 @@ try {
 } catch (err) {
   if (err instanceof StartError) console.error(`${name}: ${err.message}`);
   else console.error(`${name} failed:`, err);
+  // A worker's channel to the primary would keep it alive; its exit code tells the primary it failed.
+  if (cluster.isWorker) process.exit(1);
   process.exitCode = 1;
 }

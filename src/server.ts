@@ -52,6 +52,9 @@ export interface RunningServer {
 // request never starts with "PRI".
 const http2Preface = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
+/** A connection that has not sent enough to tell its protocol by then is closed. */
+const firstBytesTimeoutMs = 10_000;
+
 /**
  * Serves KeysDriverService on one port: HTTP/2 connections (the gRPC
  * protocol, h2c) go to a grpc-js server, HTTP/1.1 connections (Connect and
@@ -92,8 +95,15 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
     }
   });
 
+  // Connections whose first bytes have not told their protocol yet. They
+  // belong to neither server, so this one closes them: when they say
+  // nothing for too long, and at shutdown.
+  const undecided = new Set<net.Socket>();
   const listener = net.createServer((socket) => {
     socket.setNoDelay(true);
+    undecided.add(socket);
+    const silent = setTimeout(() => socket.destroy(), firstBytesTimeoutMs);
+    silent.unref();
     let seen = Buffer.alloc(0);
     const route = () => {
       const chunk: Buffer | null = socket.read();
@@ -103,12 +113,18 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       const isHttp2 = seen.subarray(0, compared).equals(http2Preface.subarray(0, compared));
       if (isHttp2 && seen.length < http2Preface.length) return; // wait for the rest of the preface
       socket.off("readable", route);
+      clearTimeout(silent);
+      undecided.delete(socket);
       socket.unshift(seen);
       if (isHttp2) grpcConnections.injectConnection(socket);
       else httpServer.emit("connection", socket);
     };
     socket.on("readable", route);
     socket.on("error", () => socket.destroy());
+    socket.on("close", () => {
+      clearTimeout(silent);
+      undecided.delete(socket);
+    });
   });
 
   await new Promise<void>((resolve, reject) => {
@@ -120,6 +136,8 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
         reject(new StartError(`${deps.host} is not an address of this machine; set HOST`));
       else if (err.code === "EACCES")
         reject(new StartError(`listening on ${where} is not permitted; set PORT above 1023`));
+      else if (err.code === "ENOTFOUND" || err.code === "EAI_AGAIN")
+        reject(new StartError(`HOST ${deps.host} is not a name or address this machine can resolve; set HOST`));
       else reject(err);
     };
     listener.once("error", refused);
@@ -139,6 +157,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
     async close(graceMs = 10_000) {
       draining = true;
       const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
+      for (const socket of undecided) socket.destroy();
       httpServer.closeIdleConnections();
       const httpDone = new Promise<void>((resolve) => httpServer.close(() => resolve()));
       const grpcDone = new Promise<void>((resolve) => grpcServer.tryShutdown(() => resolve()));

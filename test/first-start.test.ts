@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { existsSync, readFileSync, statSync } from "node:fs";
 import fs from "node:fs/promises";
 import net from "node:net";
@@ -45,8 +45,9 @@ function startMain(env: Record<string, string>): Started {
   return { child, exited, listening, output: () => output };
 }
 
-function postmasterPid(dataDir: string): number | undefined {
-  const file = path.join(dataDir, "postmaster.pid");
+/** The pid of the PostgreSQL running on a data folder (EMBEDDED_PG_DIR), if any. */
+function postmasterPid(folder: string): number | undefined {
+  const file = path.join(folder, "pgdata", "postmaster.pid");
   return existsSync(file) ? Number(readFileSync(file, "utf8").split("\n")[0]) : undefined;
 }
 
@@ -157,7 +158,7 @@ describe("the first start on the embedded PostgreSQL", function () {
     running.push(started.child);
     // As soon as the database process exists, before the service listens.
     await eventually(
-      () => existsSync(path.join(folder, "data", "postmaster.pid")) || started.output().includes("listening"),
+      () => existsSync(path.join(folder, "data", "pgdata", "postmaster.pid")) || started.output().includes("listening"),
       60_000,
     );
     started.child.kill("SIGTERM");
@@ -176,7 +177,7 @@ describe("the first start on the embedded PostgreSQL", function () {
       running.push(started.child);
       expect(await started.exited).to.equal(1);
       expect(started.output()).to.contain(`127.0.0.1:${port} is already in use`);
-      expect(started.output()).to.not.match(/\n\s+at /); // no stack trace
+      expect(started.output(), started.output()).to.not.match(/\n\s+at /); // no stack trace
       const pid = postmasterPid(path.join(folder, "data"));
       expect(pid === undefined || !alive(pid), "PostgreSQL left running").to.equal(true);
     } finally {
@@ -199,7 +200,7 @@ describe("the first start on the embedded PostgreSQL", function () {
     try {
       const secretOf = (url: string) => decodeURIComponent(new URL(url).password);
       expect(secretOf(a.url)).to.have.length.of.at.least(32).and.not.equal(secretOf(b.url));
-      const file = path.join(a.dataDir, "keys-driver-service.password");
+      const file = path.join(path.dirname(a.dataDir), "password");
       expect(statSync(file).mode & 0o777).to.equal(0o600);
       const guess = new URL(a.url);
       guess.password = "postgres";
@@ -240,5 +241,112 @@ describe("the first start on the embedded PostgreSQL", function () {
     } finally {
       await db.stop();
     }
+  });
+
+  it("starts afresh after a start that was killed while initialising the database", async function () {
+    this.timeout(120_000);
+    const first = startMain(env);
+    running.push(first.child);
+    await eventually(() => existsSync(path.join(folder, "data", "pgdata.init")), 60_000);
+    first.child.kill("SIGKILL");
+    await first.exited;
+    const second = startMain(env);
+    running.push(second.child);
+    expect(await countKeys(await second.listening)).to.deep.equal({ count: "6" });
+    second.child.kill("SIGTERM");
+    expect(await second.exited).to.equal(0);
+  });
+
+  it("starts a new, empty database when its data folder's link points at nothing, and says so", async function () {
+    if (!asRoot) this.skip();
+    await fs.chmod(folder, 0o700);
+    await fs.symlink(path.join(stageDir, "data-gone"), path.join(folder, "data"));
+    const started = startMain(env);
+    running.push(started.child);
+    expect(await countKeys(await started.listening)).to.deep.equal({ count: "6" });
+    expect(started.output()).to.contain("which is gone: starting with a new, empty database");
+    started.child.kill("SIGTERM");
+    expect(await started.exited).to.equal(0);
+  });
+
+  it("refuses, in one line, a folder that is a file or holds other files, and a taken EMBEDDED_PG_PORT", async () => {
+    const file = path.join(folder, "a-file");
+    await fs.writeFile(file, "not a folder");
+    const notFolder = startMain({ ...env, EMBEDDED_PG_DIR: file });
+    expect(await notFolder.exited).to.equal(1);
+    expect(notFolder.output()).to.contain("is a file, not a folder");
+    expect(await fs.readFile(file, "utf8")).to.equal("not a folder");
+
+    const busy = path.join(stageDir, "busy");
+    await fs.mkdir(busy);
+    await fs.writeFile(path.join(busy, "notes.txt"), "mine");
+    const withFiles = startMain({ ...env, EMBEDDED_PG_DIR: busy });
+    expect(await withFiles.exited).to.equal(1);
+    expect(withFiles.output()).to.contain("holds files that are not an embedded PostgreSQL's (notes.txt)");
+
+    const blocker = net.createServer().listen(0, "127.0.0.1");
+    await new Promise((r) => blocker.once("listening", r));
+    try {
+      const { port } = blocker.address() as net.AddressInfo;
+      const taken = startMain({ ...env, EMBEDDED_PG_PORT: String(port) });
+      expect(await taken.exited).to.equal(1);
+      expect(taken.output()).to.contain(`port ${port} (EMBEDDED_PG_PORT) is in use`);
+      for (const run of [notFolder, withFiles, taken]) expect(run.output()).to.not.match(/\n\s+at /);
+    } finally {
+      blocker.close();
+    }
+  });
+
+  it("leaves alone a PostgreSQL it did not start that runs on its folder", async function () {
+    this.timeout(120_000);
+    const system = existsSync("/usr/lib/postgresql")
+      ? (await fs.readdir("/usr/lib/postgresql"))
+          .map((v) => `/usr/lib/postgresql/${v}/bin`)
+          .find((d) => existsSync(`${d}/pg_ctl`))
+      : undefined;
+    if (!system || !asRoot) this.skip();
+    // A cluster of the machine's own PostgreSQL, run by the postgres user.
+    const foreign = path.join(stageDir, "foreign");
+    await fs.mkdir(foreign, { mode: 0o700 });
+    const id = (flag: string) => Number(execFileSync("id", [flag, "postgres"], { encoding: "utf8" }).trim());
+    await fs.chown(foreign, id("-u"), id("-g"));
+    const asPostgres = (command: string, args: string[]) =>
+      new Promise<number | null>((resolve) => {
+        const child = spawn("runuser", ["-u", "postgres", "--", `${system}/${command}`, ...args], { stdio: "ignore" });
+        child.on("exit", resolve);
+      });
+    expect(await asPostgres("initdb", ["-D", foreign, "--auth=trust"])).to.equal(0);
+    const port = await new Promise<number>((resolve) => {
+      const probe = net.createServer().listen(0, "127.0.0.1", () => {
+        const { port } = probe.address() as net.AddressInfo;
+        probe.close(() => resolve(port));
+      });
+    });
+    const options = `-p ${port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=`;
+    expect(await asPostgres("pg_ctl", ["-D", foreign, "-o", options, "-w", "start"])).to.equal(0);
+    try {
+      const pid = Number(readFileSync(path.join(foreign, "postmaster.pid"), "utf8").split("\n")[0]);
+      const started = startMain({ ...env, EMBEDDED_PG_DIR: foreign });
+      expect(await started.exited).to.equal(1);
+      expect(started.output()).to.match(/holds a PostgreSQL 1\d database|did not start/);
+      expect(alive(pid), "the other PostgreSQL was stopped").to.equal(true);
+    } finally {
+      await asPostgres("pg_ctl", ["-D", foreign, "-m", "immediate", "stop"]);
+    }
+  });
+
+  it("does not wait for idle connections when it stops", async () => {
+    const started = startMain({ ...env, SHUTDOWN_GRACE_MS: "2000" });
+    running.push(started.child);
+    const port = await started.listening;
+    const idle = net.connect(port, "127.0.0.1");
+    const half = net.connect(port, "127.0.0.1", () => half.write("P"));
+    await new Promise((r) => setTimeout(r, 200));
+    const began = Date.now();
+    started.child.kill("SIGTERM");
+    expect(await started.exited).to.equal(0);
+    expect(Date.now() - began).to.be.below(5000);
+    idle.destroy();
+    half.destroy();
   });
 });

@@ -71,6 +71,23 @@ describe("starting the service", () => {
     expect(output).to.contain("PORT must be a whole number");
   });
 
+  it("says in one line why a DATABASE_URL cannot be used", async () => {
+    const closed = await runService({ DATABASE_URL: "postgres://x@127.0.0.1:1/x", PORT: "0" });
+    expect(closed.code).to.equal(1);
+    expect(closed.output).to.contain("cannot use the database at 127.0.0.1:1/x: nothing listens there; check DATABASE_URL");
+    const db = await createTestDatabase();
+    try {
+      const missing = new URL(db.url);
+      missing.pathname = "/no_such_database";
+      const absent = await runService({ DATABASE_URL: missing.toString(), PORT: "0" });
+      expect(absent.code).to.equal(1);
+      expect(absent.output).to.contain("the database does not exist");
+      for (const run of [closed, absent]) expect(run.output).to.not.match(/\n\s+at /);
+    } finally {
+      await db.drop();
+    }
+  });
+
   it("reads every setting, with defaults", () => {
     expect(loadConfig({})).to.deep.include({ host: "127.0.0.1", port: 50051, poolMax: 10, databaseUrl: undefined });
     expect(() => loadConfig({ DATABASE_URL: "mysql://x" })).to.throw("DATABASE_URL");

@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { expect } from "chai";
+import { arrayLiteral } from "../src/db/client.js";
 import { fetchKeyUsage } from "../src/db/usage.js";
 import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
@@ -28,7 +29,7 @@ describe("FetchKeyUsage's daily rollup", () => {
       insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
       select
         ${tenantId},
-        (${keys}::uuid[])[1 + (n * 7 + ${seed}) % ${keys.length}],
+        (${arrayLiteral(keys)}::uuid[])[1 + (n * 7 + ${seed}) % ${keys.length}],
         now() - ((n::int8 * 2654435761 + ${seed}) % (${days}::int8 * 86400000)) * interval '1 millisecond'
               - (n % 1000) * interval '1 microsecond',
         ((n * 31 + ${seed}) % 100000) / 10000.0

@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import net from "node:net";
 import { expect } from "chai";
 import { grpcJsCaller } from "./support/clients.js";
@@ -46,7 +46,7 @@ describe("worker mode (WORKERS=2)", () => {
         (r) => r.ok,
         () => false,
       );
-      if (ok && /workers on/.test(output)) break;
+      if (ok && /listening on/.test(output)) break;
       if (Date.now() > deadline) throw new Error(`worker mode did not start:\n${output}`);
       await new Promise((r) => setTimeout(r, 200));
     }
@@ -88,13 +88,16 @@ describe("worker mode (WORKERS=2)", () => {
   });
 });
 
-describe("worker mode when a worker cannot start", () => {
-  it("restarts it with a delay that doubles, not in a tight loop", async function () {
-    this.timeout(60_000);
-    const db = await createTestDatabase();
-    const blocker = net.createServer().listen(0, "127.0.0.1");
-    await new Promise((r) => blocker.once("listening", r));
-    const { port } = blocker.address() as net.AddressInfo;
+describe("worker mode when workers die", () => {
+  let db: TestDatabase;
+  before(async () => {
+    db = await createTestDatabase();
+  });
+  after(async () => {
+    await db?.drop();
+  });
+
+  function startPrimary(port: number) {
     const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], {
       env: { ...process.env, DATABASE_URL: db.url, PORT: String(port), WORKERS: "2", ROLLUP_INTERVAL_MS: "0" },
       stdio: ["ignore", "pipe", "pipe"],
@@ -106,21 +109,49 @@ describe("worker mode when a worker cannot start", () => {
     child.stderr?.on("data", (d) => {
       output += d;
     });
+    const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+    return { child, exited, output: () => output };
+  }
+
+  it("fails the start, in one line, when no worker can serve (its port is taken)", async function () {
+    this.timeout(60_000);
+    const blocker = net.createServer().listen(0, "127.0.0.1");
+    await new Promise((r) => blocker.once("listening", r));
     try {
-      const delays = () => [...output.matchAll(/starting another in (\d+) s/g)].map((m) => Number(m[1]));
-      const deadline = Date.now() + 30_000;
-      while (delays().length < 5 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
-      const seen = delays();
-      expect(seen.length, output).to.be.at.least(5);
-      expect(seen.slice(0, 5)).to.deep.equal([1, 2, 4, 8, 16]);
-      expect(output).to.contain("is already in use");
-      const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
-      child.kill("SIGTERM");
-      expect(await exited).to.equal(0);
+      const primary = startPrimary((blocker.address() as net.AddressInfo).port);
+      expect(await primary.exited).to.equal(1);
+      expect(primary.output()).to.contain("is already in use").and.contain("workers failed to start");
+      expect(primary.output()).to.not.match(/\n\s+at /);
     } finally {
-      if (child.exitCode === null) child.kill("SIGKILL");
       blocker.close();
-      await db.drop();
+    }
+  });
+
+  it("replaces a worker that keeps dying after a delay that doubles, not in a tight loop", async function () {
+    this.timeout(60_000);
+    const primary = startPrimary(await freePort());
+    try {
+      const deadline = Date.now() + 30_000;
+      while (!/listening on/.test(primary.output())) {
+        if (Date.now() > deadline) throw new Error(primary.output());
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const delays = () => [...primary.output().matchAll(/starting another in (\d+) s/g)].map((m) => Number(m[1]));
+      for (let killed = 0; killed < 3; killed++) {
+        const workers = execFileSync("ps", ["-o", "pid=", "--ppid", String(primary.child.pid)], { encoding: "utf8" })
+          .trim()
+          .split(/\s+/)
+          .map(Number);
+        process.kill(workers[0] as number, "SIGKILL");
+        while (delays().length <= killed) await new Promise((r) => setTimeout(r, 50));
+        // Wait for its replacement before killing again.
+        await new Promise((r) => setTimeout(r, (delays()[killed] ?? 0) * 1000 + 1500));
+      }
+      expect(delays()).to.deep.equal([1, 2, 4]);
+      primary.child.kill("SIGTERM");
+      expect(await primary.exited).to.equal(0);
+    } finally {
+      if (primary.child.exitCode === null) primary.child.kill("SIGKILL");
     }
   });
 });

@@ -42,12 +42,25 @@ export function createSql(options: SqlOptions): Sql {
       application_name: "keys-driver-service",
       ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {}),
     },
+    // No array-type lookup when a connection opens: a failure of that lookup
+    // (a statement timeout, a terminated backend) is an unhandled rejection
+    // inside postgres.js that ends the process. Arrays are sent as literals
+    // (arrayLiteral) instead.
+    fetch_types: false,
     onnotice: () => {},
     ...(options.onQuery
       ? { debug: (_connection: number, query: string, parameters: unknown[]) => options.onQuery?.(query, parameters) }
       : {}),
   });
   return checkedResults(sql);
+}
+
+/**
+ * A list of strings as a PostgreSQL array literal, e.g. `{"a","b"}`, to be
+ * sent as one parameter and cast in SQL (`${arrayLiteral(ids)}::uuid[]`).
+ */
+export function arrayLiteral(values: readonly string[]): string {
+  return `{${values.map((v) => `"${v.replaceAll("\\", "\\\\").replaceAll('"', '\\"')}"`).join(",")}}`;
 }
 
 /** A statement's result did not hold the rows the server sent; it was not used. */
@@ -69,12 +82,19 @@ function isPendingQuery(value: unknown): value is PendingQuery {
 
 // A statement with rows resolves with exactly as many as the server's
 // command tag counts ("SELECT 3", "UPDATE 1" with RETURNING). Statements
-// that return no rows (an INSERT without RETURNING) resolve empty.
+// that return no rows (an INSERT without RETURNING) resolve empty. Several
+// statements in one simple query resolve with one such result each.
 function checkResult(result: unknown): ResultMismatchError | undefined {
   if (!Array.isArray(result) || result.length === 0) return undefined;
   const count = (result as { count?: unknown }).count;
-  if (typeof count !== "number" || result.length === count) return undefined;
-  return new ResultMismatchError(result.length, count);
+  if (typeof count === "number") return result.length === count ? undefined : new ResultMismatchError(result.length, count);
+  for (const part of result) {
+    if (Array.isArray(part) && typeof (part as { count?: unknown }).count === "number") {
+      const mismatch = checkResult(part);
+      if (mismatch) return mismatch;
+    }
+  }
+  return undefined;
 }
 
 function checkQuery(query: unknown): void {
@@ -88,8 +108,8 @@ function checkQuery(query: unknown): void {
 }
 
 /**
- * `sql`, with every statement it (and every transaction it begins or
- * connection it reserves) runs checked before it resolves: a result whose
+ * `sql`, with every statement it (and every transaction, savepoint or
+ * reserved connection it opens) runs checked before it resolves: a result whose
  * length differs from the server's row count fails the statement with
  * ResultMismatchError instead of reaching a caller. postgres.js 3.4.x can
  * produce such a result after a statement fails part-way (see
@@ -114,7 +134,8 @@ export function checkedResults<S extends Sql>(sql: S): S {
             return query;
           };
         case "begin":
-          // begin([options,] fn): the transaction's own sql is checked too.
+        case "savepoint":
+          // begin([options,] fn) and savepoint([name,] fn): the sql they hand fn is checked too.
           return (...args: unknown[]) => {
             const last = args.at(-1);
             if (typeof last === "function") {

@@ -78,32 +78,3 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
   }
   return { ran: true, days };
 }
-
-/**
- * Runs rollUpClosedDays now and then every `intervalMs` until stopped. A
- * failed run is reported and retried at the next tick.
- */
-export function startRollupWorker(
-  sql: Sql,
-  options: { readonly intervalMs: number; readonly onError: (err: unknown) => void },
-): { stop(): Promise<void> } {
-  let running: Promise<unknown> = Promise.resolve();
-  let stopped = false;
-  // Runs never overlap within a process; the advisory lock keeps them apart
-  // across processes.
-  const run = () => {
-    running = running.then(() => rollUpClosedDays(sql)).catch(options.onError);
-  };
-  run();
-  const timer = setInterval(() => {
-    if (!stopped) run();
-  }, options.intervalMs);
-  timer.unref();
-  return {
-    async stop() {
-      stopped = true;
-      clearInterval(timer);
-      await running;
-    },
-  };
-}

@@ -17,14 +17,51 @@ export interface PreparedDatabase {
 
 const embeddedDatabaseName = "keys";
 
+const connectionProblems: Record<string, string> = {
+  ECONNREFUSED: "nothing listens there",
+  ENOTFOUND: "the host name does not resolve",
+  EAI_AGAIN: "the host name does not resolve",
+  EHOSTUNREACH: "the host cannot be reached",
+  CONNECT_TIMEOUT: "it did not answer in time",
+  "28P01": "the password was refused",
+  "28000": "the role is unknown or not allowed in (pg_hba.conf)",
+  "3D000": "the database does not exist",
+};
+
+/**
+ * Checks that the database at `url` answers, turning the usual failures (no
+ * server, wrong host, password, role or database, TLS) into one line that
+ * says which, without the password.
+ */
+export async function checkReachable(sql: Sql, url: string): Promise<void> {
+  try {
+    await sql`select 1`;
+  } catch (err) {
+    const where = new URL(url);
+    const target = `${where.hostname}:${where.port || 5432}${where.pathname}`;
+    const code = (err as { code?: string }).code ?? "";
+    const problem =
+      connectionProblems[code] ?? (/ssl|tls/i.test(String(err)) ? `TLS failed (${(err as Error).message})` : undefined);
+    if (problem === undefined) throw err;
+    throw new StartError(`cannot use the database at ${target}: ${problem}; check DATABASE_URL`, { cause: err });
+  }
+}
+/** How openDatabase and prepareDatabase work. */
+export interface OpenOptions {
+  /** Told what the start did that the operator should know. */
+  readonly onNotice?: (message: string) => void;
+  /**
+   * Connections in this pool: the start-up work and the background jobs
+   * (the service has its own pool of DATABASE_POOL_MAX). Default 2.
+   */
+  readonly poolMax?: number;
+}
+
 /**
  * Connects to DATABASE_URL, or, without one, starts the embedded PostgreSQL
  * (creating its `keys` database the first time) and connects to that.
  */
-export async function openDatabase(
-  config: Config,
-  options: { readonly onNotice?: (message: string) => void } = {},
-): Promise<PreparedDatabase> {
+export async function openDatabase(config: Config, options: OpenOptions = {}): Promise<PreparedDatabase> {
   let embedded: EmbeddedPostgres | undefined;
   let url = config.databaseUrl;
   if (url === undefined) {
@@ -53,7 +90,20 @@ export async function openDatabase(
     }
     url = embedded.urlFor(embeddedDatabaseName);
   }
-  const sql = createSql({ url, poolMax: config.poolMax, statementTimeoutMs: config.statementTimeoutMs });
+  const sql = createSql({
+    url,
+    poolMax: options.poolMax ?? 2,
+    statementTimeoutMs: config.statementTimeoutMs,
+    connectTimeoutSeconds: 10,
+  });
+  if (!embedded) {
+    try {
+      await checkReachable(sql, url);
+    } catch (err) {
+      await sql.end({ timeout: 1 });
+      throw err;
+    }
+  }
   return {
     sql,
     url,
@@ -70,10 +120,7 @@ export async function openDatabase(
  * database is migrated (and given the demo data the first time); a
  * DATABASE_URL whose schema is behind stops the start with what to run.
  */
-export async function prepareDatabase(
-  config: Config,
-  options: { readonly onNotice?: (message: string) => void } = {},
-): Promise<PreparedDatabase> {
+export async function prepareDatabase(config: Config, options: OpenOptions = {}): Promise<PreparedDatabase> {
   const db = await openDatabase(config, options);
   try {
     if (db.embedded) {

@@ -8,18 +8,26 @@ export interface ShutdownRequest {
 
 /**
  * Listens for the signals that mean "stop": SIGINT (Ctrl-C), SIGTERM (a
- * supervisor) and SIGHUP (the terminal closed). Installed first thing, so a
- * signal during start-up is kept rather than killing the process with the
- * database half-started. Every later signal is swallowed: a stop is under
- * way, and Node's default action (exit at once) would cut the drain short.
+ * supervisor) and SIGHUP (the terminal closed). Installed as soon as the
+ * executable runs, so a signal during start-up ends the start cleanly
+ * rather than killing the process with the database half-started. The same
+ * signal often arrives twice at once (from npm and from the terminal); a
+ * repeat within a second is ignored, and a later one calls `onInsist`: the
+ * operator does not want to wait for the drain.
  */
-export function listenForShutdown(): ShutdownRequest {
+export function listenForShutdown(onInsist: (signal: string) => void): ShutdownRequest {
   let signal: string | undefined;
+  let firstAt = 0;
   const requested = new Promise<string>((resolve) => {
     for (const name of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
       process.on(name, () => {
-        signal ??= name;
-        resolve(signal);
+        if (signal === undefined) {
+          signal = name;
+          firstAt = Date.now();
+          resolve(name);
+        } else if (Date.now() - firstAt > 1000) {
+          onInsist(name);
+        }
       });
     }
   });

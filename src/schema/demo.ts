@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
-import type { Sql } from "../db/client.js";
+import { arrayLiteral, type Sql } from "../db/client.js";
 
 /** The demo tenants, fixed so that the README's commands work as written. */
 export const demoTenants = {
@@ -76,7 +76,7 @@ export async function loadDemoDataOnce(sql: Sql): Promise<boolean> {
         )
         values (
           ${k.tenant_id}, ${k.id}, ${k.name}, ${secret.slice(0, 12)},
-          ${createHash("sha256").update(secret).digest()}, ${k.status}, ${["chat:write", "models:read"]},
+          ${createHash("sha256").update(secret).digest()}, ${k.status}, ${arrayLiteral(["chat:write", "models:read"])}::text[],
           ${600}, ${k.frozen}, ${k.frozen ? sql`now() - interval '2 hours'` : null},
           ${k.frozen ? "secret found in a public repository" : null}, ${k.frozen ? "security-bot" : null},
           ${k.status === "revoked" ? sql`now() - interval '10 days'` : null},
