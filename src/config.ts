@@ -32,6 +32,14 @@ export interface Config {
   readonly shutdownGraceMs: number;
   /** ROLLUP_INTERVAL_MS: how often to roll up closed days of usage; 0 = never in this process. */
   readonly rollupIntervalMs: number;
+  /** WATCH_PROGRESS_INTERVAL_MS: how often an idle WatchKeys stream gets a PROGRESS marker. */
+  readonly watchProgressIntervalMs: number;
+  /** WATCH_MAX_QUEUED_CHANGES: how far a WatchKeys reader may fall behind before its stream ends. */
+  readonly watchMaxQueuedChanges: number;
+  /** WATCH_POLL_INTERVAL_MS: the feed's slow poll, behind the database's wake-ups. */
+  readonly watchPollIntervalMs: number;
+  /** KEY_EVENTS_RETENTION_DAYS: how long key changes are kept (feed history, audit trail); 0 = for ever. */
+  readonly keyEventsRetentionDays: number;
   /**
    * WORKERS: processes serving the port. 0 = one per core. Unset: one per
    * core when NODE_ENV=production, else 1.
@@ -112,6 +120,10 @@ export function loadConfig(env: Env = process.env): Config {
     pageTokenSecret: pageTokenSecret(env),
     shutdownGraceMs: integer(env, "SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
     rollupIntervalMs: integer(env, "ROLLUP_INTERVAL_MS", 60_000, 0, 86_400_000),
+    watchProgressIntervalMs: integer(env, "WATCH_PROGRESS_INTERVAL_MS", 15_000, 100, 3_600_000),
+    watchMaxQueuedChanges: integer(env, "WATCH_MAX_QUEUED_CHANGES", 10_000, 1, 10_000_000),
+    watchPollIntervalMs: integer(env, "WATCH_POLL_INTERVAL_MS", 5_000, 100, 3_600_000),
+    keyEventsRetentionDays: integer(env, "KEY_EVENTS_RETENTION_DAYS", 90, 0, 36_500),
     workers: workers(env),
   });
 }

@@ -2,6 +2,7 @@ import cluster from "node:cluster";
 import { type Config, loadConfig, StartError } from "./config.js";
 import type { Sql } from "./db/client.js";
 import { type PeriodicJob, startPeriodicJob } from "./jobs/periodic.js";
+import { pruneKeyEvents } from "./jobs/prune-key-events.js";
 import { rollUpClosedDays } from "./jobs/rollup.js";
 import { type PreparedDatabase, prepareDatabase } from "./process/database.js";
 import { listenForShutdown, type ShutdownRequest } from "./process/signals.js";
@@ -15,7 +16,7 @@ import { startService } from "./service.js";
 
 const name = "keys-driver-service";
 
-/** The background jobs: the usage rollup (one process at a time does the work). */
+/** The background jobs: the usage rollup and the retention of key changes (one process at a time does each). */
 function startJobs(config: Config, sql: Sql): PeriodicJob[] {
   const jobs: PeriodicJob[] = [];
   if (config.rollupIntervalMs > 0) {
@@ -23,6 +24,14 @@ function startJobs(config: Config, sql: Sql): PeriodicJob[] {
       startPeriodicJob(() => rollUpClosedDays(sql), {
         intervalMs: config.rollupIntervalMs,
         onError: (err) => console.error("usage rollup failed; retrying at the next interval:", err),
+      }),
+    );
+  }
+  if (config.keyEventsRetentionDays > 0) {
+    jobs.push(
+      startPeriodicJob(() => pruneKeyEvents(sql, config.keyEventsRetentionDays), {
+        intervalMs: 3_600_000,
+        onError: (err) => console.error("pruning key changes failed; retrying in an hour:", err),
       }),
     );
   }

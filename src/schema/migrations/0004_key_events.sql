@@ -1,0 +1,154 @@
+-- Key changes as events: the feed WatchKeys serves and the audit trail
+-- ListKeyChanges pages through. Captured here, in the database, in the same
+-- transaction as the change, whoever makes it: this service, another one, or
+-- an operator's SQL.
+
+-- Only changes of a key's state count. The proxy's usage counters
+-- (total_requests, last_used_at) change on every proxied call; they neither
+-- move the version (so an etag stays valid while the key is in use) nor make
+-- events. Everything else is compared, so a column added later counts
+-- without touching this function.
+create or replace function api_keys_bump_version() returns trigger
+language plpgsql as $$
+declare
+  before_change api_keys := old;
+  after_change api_keys := new;
+begin
+  before_change.total_requests := 0;
+  after_change.total_requests := 0;
+  before_change.last_used_at := null;
+  after_change.last_used_at := null;
+  before_change.updated_at := null;
+  after_change.updated_at := null;
+  before_change.version := 0;
+  after_change.version := 0;
+  if after_change is distinct from before_change then
+    new.version := old.version + 1;
+    new.updated_at := now();
+  else
+    new.version := old.version;
+    new.updated_at := old.updated_at;
+  end if;
+  return new;
+end;
+$$;
+
+create sequence key_events_position as bigint;
+
+-- One row per change of one key, in commit order (see api_keys_record_event).
+create table key_events (
+  -- The change's place in the feed: commit order, starting at 1.
+  position bigint primary key,
+  tenant_id uuid not null,
+  key_id uuid not null,
+  kind text not null check (kind in ('created', 'updated', 'frozen', 'unfrozen', 'deleted')),
+  -- When the change committed (to within the commit itself).
+  changed_at timestamptz not null,
+  -- Why and by whom: the freeze's or unfreeze's own, else what the writer
+  -- set in keys.change_reason / keys.change_actor, else null.
+  reason text,
+  actor text,
+  -- Who wrote it, as the database knows: the role and application_name.
+  db_role text not null,
+  application text not null,
+  -- The key after the change (before it, for a deletion); never the hash.
+  name text not null,
+  key_prefix text not null,
+  status text not null,
+  is_frozen boolean not null,
+  frozen_at timestamptz,
+  freeze_reason text,
+  freeze_actor text,
+  created_at timestamptz not null,
+  last_used_at timestamptz,
+  expires_at timestamptz,
+  total_requests bigint not null,
+  version bigint not null
+);
+
+-- A tenant's feed, and one key's history (ListKeyChanges, newest first).
+create index key_events_by_tenant on key_events (tenant_id, position);
+create index key_events_by_key on key_events (tenant_id, key_id, position);
+-- Retention deletes by age; positions grow with time.
+create index key_events_changed_at on key_events using brin (changed_at);
+
+-- Retention: events up to pruned_through (inclusive) have been deleted, so a
+-- cursor before it cannot be resumed from.
+create table key_events_retention (
+  singleton boolean primary key default true check (singleton),
+  pruned_through bigint not null default 0
+);
+insert into key_events_retention (singleton) values (true);
+
+-- Records one change as an event. Runs as a deferred trigger, that is while
+-- the transaction commits, under a lock that every event-writing commit
+-- takes: positions are handed out in commit order, and the lock is released
+-- only after the commit is visible. So a reader that sees position n sees
+-- every smaller position that committed, and reading "position > cursor"
+-- never skips an event whose transaction committed late. Only the commits
+-- are serialised, not the transactions: a transaction that stays open holds
+-- nothing until it commits.
+create function api_keys_record_event() returns trigger
+language plpgsql as $$
+declare
+  k api_keys;
+  event_kind text;
+  event_reason text;
+  event_actor text;
+begin
+  perform pg_advisory_xact_lock(7301944514);
+  if tg_op = 'DELETE' then
+    k := old;
+    event_kind := 'deleted';
+  else
+    k := new;
+    if tg_op = 'INSERT' then
+      event_kind := 'created';
+    elsif new.is_frozen and not old.is_frozen then
+      event_kind := 'frozen';
+      event_reason := new.freeze_reason;
+      event_actor := new.freeze_actor;
+    elsif old.is_frozen and not new.is_frozen then
+      event_kind := 'unfrozen';
+      event_reason := new.unfreeze_reason;
+      event_actor := new.unfreeze_actor;
+    else
+      event_kind := 'updated';
+    end if;
+  end if;
+  insert into key_events (
+    position, tenant_id, key_id, kind, changed_at, reason, actor, db_role, application,
+    name, key_prefix, status, is_frozen, frozen_at, freeze_reason, freeze_actor,
+    created_at, last_used_at, expires_at, total_requests, version
+  )
+  values (
+    nextval('key_events_position'), k.tenant_id, k.id, event_kind, clock_timestamp(),
+    coalesce(event_reason, nullif(current_setting('keys.change_reason', true), '')),
+    coalesce(event_actor, nullif(current_setting('keys.change_actor', true), '')),
+    current_user, current_setting('application_name'),
+    k.name, k.key_prefix, k.status, k.is_frozen, k.frozen_at,
+    case when k.is_frozen then k.freeze_reason end, case when k.is_frozen then k.freeze_actor end,
+    k.created_at, k.last_used_at, k.expires_at, k.total_requests, k.version
+  );
+  -- A wake-up for the feed's readers; the table is the truth. Notifications
+  -- with the same payload in one transaction are delivered once.
+  perform pg_notify('key_events', '');
+  return null;
+end;
+$$;
+
+create constraint trigger api_keys_record_insert
+  after insert on api_keys
+  deferrable initially deferred
+  for each row execute function api_keys_record_event();
+
+create constraint trigger api_keys_record_update
+  after update on api_keys
+  deferrable initially deferred
+  for each row when (old.version is distinct from new.version)
+  execute function api_keys_record_event();
+
+create constraint trigger api_keys_record_delete
+  after delete on api_keys
+  deferrable initially deferred
+  for each row execute function api_keys_record_event();
