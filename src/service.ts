@@ -4,13 +4,26 @@ import { createSql, type Sql } from "./db/client.js";
 import { findServiceSecret } from "./db/secrets.js";
 import { createStore } from "./db/store.js";
 import type { ErrorLogger } from "./errors.js";
+import { type KeyFeed, startKeyFeed } from "./feed/key-feed.js";
 import { createMetrics, type Metrics, type MetricsSnapshot, renderMetrics } from "./metrics.js";
+import { createPositionTokens } from "./rpc/cursors.js";
 import { createKeysDriverService } from "./rpc/keys-driver.js";
 import { createPageTokenCodec } from "./rpc/page-token.js";
+import { createTokenSigner } from "./rpc/signed-token.js";
 import { registration, startServer } from "./server.js";
 
 /** The settings serving needs, with the database already chosen. */
-export type ServiceConfig = Pick<Config, "host" | "port" | "poolMax" | "statementTimeoutMs" | "pageTokenSecret"> & {
+export type ServiceConfig = Pick<
+  Config,
+  | "host"
+  | "port"
+  | "poolMax"
+  | "statementTimeoutMs"
+  | "pageTokenSecret"
+  | "watchProgressIntervalMs"
+  | "watchMaxQueuedChanges"
+  | "watchPollIntervalMs"
+> & {
   /** A postgres:// URL of a migrated database. */
   readonly databaseUrl: string;
 };
@@ -34,6 +47,8 @@ export interface RunningService {
   readonly sql: Sql;
   /** This process's call counts. */
   readonly metrics: Metrics;
+  /** The process's feed of key changes. */
+  readonly feed: KeyFeed;
   /** Drains calls in flight for up to `graceMs`, stops serving, then closes the pool. */
   close(graceMs?: number): Promise<void>;
 }
@@ -45,36 +60,63 @@ export interface RunningService {
  * the service through here.
  */
 export async function startService(config: ServiceConfig, hooks: ServiceHooks = {}): Promise<RunningService> {
+  const logError = hooks.logError ?? ((message: string, cause: unknown) => console.error(message, cause));
   const sql = createSql({
     url: config.databaseUrl,
     poolMax: config.poolMax,
     statementTimeoutMs: config.statementTimeoutMs,
     onQuery: hooks.onQuery,
   });
+  let feed: KeyFeed | undefined;
   try {
     const secret = config.pageTokenSecret ?? (await findServiceSecret(sql, "page_token"));
     if (!secret) throw new StartError("the page token secret is missing from service_secrets; run `npm run migrate`");
+    const signer = createTokenSigner(secret);
     const metrics = createMetrics();
+    feed = startKeyFeed(sql, {
+      pollIntervalMs: config.watchPollIntervalMs,
+      onError: (err) => logError("the feed of key changes cannot read the database; retrying", err),
+    });
+    const handlers = createKeysDriverService({
+      store: createStore(sql),
+      pageTokens: createPageTokenCodec(signer),
+      positions: createPositionTokens(signer),
+      feed,
+      watch: {
+        progressIntervalMs: config.watchProgressIntervalMs,
+        maxQueuedChanges: config.watchMaxQueuedChanges,
+        // Each initial state holds a connection while it is read: half the pool at most.
+        initialStateReaders: Math.max(1, Math.floor(config.poolMax / 2)),
+      },
+    });
     const server = await startServer({
-      services: [
-        registration(KeysDriverService, createKeysDriverService(createStore(sql), createPageTokenCodec(secret))),
-      ],
-      observers: { metrics, logError: hooks.logError },
+      services: [registration(KeysDriverService, handlers)],
+      observers: { metrics, logError },
       host: config.host,
       port: config.port,
       metricsText: () => (hooks.metricsText ?? ((own) => renderMetrics(own, 1)))(metrics.snapshot()),
     });
+    const running = feed;
     return {
       address: server.address,
       port: server.port,
       sql,
       metrics,
+      feed: running,
       async close(graceMs) {
+        // Streams end first (UNAVAILABLE: reconnect elsewhere) and are given a
+        // moment to send that status, so that the drain waits only for calls
+        // that finish by themselves.
+        running.endSubscriptions();
+        const streamsGone = Date.now() + Math.min(graceMs ?? 10_000, 2_000);
+        while (running.subscribers > 0 && Date.now() < streamsGone) await new Promise((r) => setTimeout(r, 10));
         await server.close(graceMs);
+        await running.close();
         await sql.end({ timeout: 5 });
       },
     };
   } catch (err) {
+    await feed?.close();
     await sql.end({ timeout: 1 });
     throw err;
   }

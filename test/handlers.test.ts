@@ -3,10 +3,13 @@ import { Code, ConnectError, createClient, createRouterTransport } from "@connec
 import { expect } from "chai";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import type { KeyRow, Store } from "../src/db/store.js";
+import type { KeyFeed } from "../src/feed/key-feed.js";
 import { observeCalls } from "../src/interceptors.js";
 import { createMetrics } from "../src/metrics.js";
+import { createPositionTokens } from "../src/rpc/cursors.js";
 import { createKeysDriverService, maxPageSize } from "../src/rpc/keys-driver.js";
 import { createPageTokenCodec } from "../src/rpc/page-token.js";
+import { createTokenSigner } from "../src/rpc/signed-token.js";
 
 // The handlers' own logic, through connect's in-memory transport with a
 // store that records what it was asked: no network, no database. The SQL and
@@ -23,6 +26,8 @@ function row(n: number): KeyRow {
     status: "active",
     is_frozen: false,
     frozen_at_us: null,
+    freeze_reason: null,
+    freeze_actor: null,
     created_at_us: 1_700_000_000_000_000n - BigInt(n),
     last_used_at_us: null,
     expires_at_us: null,
@@ -45,12 +50,35 @@ function fakeStore(overrides: Partial<Store>): Store {
     fetchKeyForUpdate: unexpected,
     updateKeyFrozen: unexpected,
     updateKeyUnfrozen: unexpected,
+    feedBounds: unexpected,
+    fetchEventsAfter: unexpected,
+    fetchKeysAtSnapshot: unexpected,
+    listKeyChanges: unexpected,
     ...overrides,
   };
 }
 
+/** The handlers over `store`; WatchKeys has no feed here. */
+function handlersFor(store: Store) {
+  const signer = createTokenSigner(new Uint8Array(32).fill(7));
+  const noFeed: KeyFeed = {
+    position: 0n,
+    subscribers: 0,
+    subscribe: unexpected,
+    endSubscriptions: () => {},
+    close: async () => {},
+  };
+  return createKeysDriverService({
+    store,
+    pageTokens: createPageTokenCodec(signer),
+    positions: createPositionTokens(signer),
+    feed: noFeed,
+    watch: { progressIntervalMs: 1000, maxQueuedChanges: 10, initialStateReaders: 1 },
+  });
+}
+
 function clientFor(store: Store, logged: unknown[] = []) {
-  const impl = createKeysDriverService(store, createPageTokenCodec(new Uint8Array(32).fill(7)));
+  const impl = handlersFor(store);
   const transport = createRouterTransport(({ service }) => {
     service(
       KeysDriverService,
@@ -145,10 +173,7 @@ describe("handlers (in memory, with a fake store)", () => {
 
   it("counts every call by method and status where services are registered", async () => {
     const metrics = createMetrics();
-    const impl = createKeysDriverService(
-      fakeStore({ countKeys: async () => 3n }),
-      createPageTokenCodec(new Uint8Array(32)),
-    );
+    const impl = handlersFor(fakeStore({ countKeys: async () => 3n }));
     const client = createClient(
       KeysDriverService,
       createRouterTransport(({ service }) => {

@@ -690,12 +690,6 @@ describe(`${svc} over the gRPC protocol`, () => {
           expect(changed).to.have.length(1);
         });
       });
-
-      describe("WatchKeys", () => {
-        it("answers UNIMPLEMENTED until the feed is built", async () => {
-          await expectStatus(client.stream("WatchKeys", { tenantId: newTenant() }), Code.Unimplemented, "WatchKeys");
-        });
-      });
     });
   }
 });

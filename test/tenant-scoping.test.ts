@@ -1,3 +1,4 @@
+import type { JsonObject } from "@bufbuild/protobuf";
 import { expect } from "chai";
 import type { RunningService } from "../src/service.js";
 import { grpcJsCaller, type JsonCaller } from "./support/clients.js";
@@ -5,7 +6,7 @@ import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertCalls, insertKeysAt, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
 
-const tenantTables = ["api_keys", "proxy_calls", "proxy_call_daily"];
+const tenantTables = ["api_keys", "proxy_calls", "proxy_call_daily", "key_events"];
 
 // How often a statement reads or writes each tenant table, and how many
 // tenant_id = $n predicates it has: each reference needs one of its own.
@@ -17,8 +18,12 @@ function references(statement: string): number {
   return n;
 }
 
+// A predicate per reference; or, where a statement reads across tenants on
+// purpose (the all-tenants watch, the feed's head), a comment saying so.
 function tenantPredicates(statement: string): number {
-  return (statement.match(/\btenant_id\s*=\s*\$\d+/gi) ?? []).length;
+  const predicates = (statement.match(/\btenant_id\s*=\s*\$\d+/gi) ?? []).length;
+  const declared = (statement.match(/\/\* spans tenants: [^*]+\*\//g) ?? []).length;
+  return predicates + declared;
 }
 
 describe("every statement on the request path is scoped to one tenant", () => {
@@ -61,6 +66,20 @@ describe("every statement on the request path is scoped to one tenant", () => {
     await client.call("UpdateKeyUnfrozen", { tenantId, keyId });
     await client.call("UpdateKeyFrozen", { tenantId, keyId, etag: "1.0000000" }).catch(() => undefined);
     await client.call("FetchKeyById", { tenantId: newTenant(), keyId }).catch(() => undefined);
+    const changes = await client.call("ListKeyChanges", { tenantId, keyId, pageSize: 1 });
+    await client.call("ListKeyChanges", { tenantId, pageSize: 1 });
+    await client.call("ListKeyChanges", { tenantId, keyId, pageToken: changes.nextPageToken as string });
+    const watch = client.open("WatchKeys", { tenantId, sendInitialState: true });
+    await watch.next();
+    watch.cancel();
+    const resumed = client.open("WatchKeys", {
+      tenantId,
+      keyIds: [keyId],
+      resumeCursor: first.changes ? ((first.changes as JsonObject[])[0]?.cursor as string) : "",
+    });
+    await client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "again" });
+    await resumed.next();
+    resumed.cancel();
 
     const onTenantTables = statements.filter((s) => references(s) > 0);
     expect(onTenantTables.length, "statements seen").to.be.at.least(9);

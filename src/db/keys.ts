@@ -14,6 +14,9 @@ export interface KeyRow {
   readonly status: KeyStatus;
   readonly is_frozen: boolean;
   readonly frozen_at_us: Micros | null;
+  /** The current freeze's reason and actor; null when not frozen. */
+  readonly freeze_reason: string | null;
+  readonly freeze_actor: string | null;
   readonly created_at_us: Micros;
   readonly last_used_at_us: Micros | null;
   readonly expires_at_us: Micros | null;
@@ -43,9 +46,11 @@ export type FreezeOutcome =
   | { readonly kind: "stale" }
   | { readonly kind: "done"; readonly key: KeyRow; readonly changed: boolean };
 
-// The columns a KeyRow is made of; never the hash. Instants leave as
-// microseconds since the epoch (epoch_micros, migration 0003).
-function keyColumns(sql: Sql) {
+/**
+ * The columns a KeyRow is made of, from api_keys; never the hash. Instants
+ * leave as microseconds since the epoch (epoch_micros, migration 0003).
+ */
+export function keyColumns(sql: Sql) {
   return sql`
     id,
     tenant_id,
@@ -54,6 +59,8 @@ function keyColumns(sql: Sql) {
     status,
     is_frozen,
     epoch_micros(frozen_at) as frozen_at_us,
+    case when is_frozen then freeze_reason end as freeze_reason,
+    case when is_frozen then freeze_actor end as freeze_actor,
     epoch_micros(created_at) as created_at_us,
     epoch_micros(last_used_at) as last_used_at_us,
     epoch_micros(expires_at) as expires_at_us,

@@ -1,12 +1,17 @@
 import type { Sql } from "./client.js";
+import * as events from "./events.js";
 import * as keys from "./keys.js";
 import * as usage from "./usage.js";
 
 export type { Micros } from "../micros.js";
+export type { EventKind, EventRow, EventScope, EventsRead } from "./events.js";
 export type { FreezeChange, FreezeOutcome, KeyCursor, KeyRow } from "./keys.js";
 export type { UsageRow } from "./usage.js";
 
-/** The statements the rpcs run, one per operation and named after it. */
+/**
+ * The statements the rpcs run, one per operation and named after it (WatchKeys
+ * reads the feed through fetchEventsAfter and fetchKeysAtSnapshot).
+ */
 const operations = {
   fetchKeys: keys.fetchKeys,
   countKeys: keys.countKeys,
@@ -15,6 +20,10 @@ const operations = {
   fetchKeyForUpdate: keys.fetchKeyForUpdate,
   updateKeyFrozen: keys.updateKeyFrozen,
   updateKeyUnfrozen: keys.updateKeyUnfrozen,
+  feedBounds: events.feedBounds,
+  fetchEventsAfter: events.fetchEventsAfter,
+  fetchKeysAtSnapshot: events.fetchKeysAtSnapshot,
+  listKeyChanges: events.listKeyChanges,
 };
 
 type Operations = typeof operations;

@@ -7,19 +7,23 @@ import {
   FetchKeysResponseSchema,
   FetchKeyUsageResponseSchema,
   type KeysDriverService,
+  ListKeyChangesResponseSchema,
   UpdateKeyFrozenResponseSchema,
   UpdateKeyUnfrozenResponseSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 import type { FreezeOutcome, Store } from "../db/store.js";
 import { invalidArgument, notFound } from "../errors.js";
+import type { KeyFeed } from "../feed/key-feed.js";
+import type { PositionTokens } from "./cursors.js";
 import { parseEtag } from "./etag.js";
 import type { PageTokenCodec } from "./page-token.js";
 import { keySnapshot, usageSnapshot } from "./snapshots.js";
 import { optionalText, optionalTimestamp, requireNonNegative, requireTimestamp, requireUuid } from "./validate.js";
+import { createWatchKeys, keyChange, type WatchSettings } from "./watch.js";
 
-/** FetchKeys' page size when the caller sends 0. */
+/** The page size of FetchKeys and ListKeyChanges when the caller sends 0. */
 export const defaultPageSize = 50;
-/** The largest page FetchKeys returns; larger requests are clamped to it. */
+/** The largest page they return; larger requests are clamped to it. */
 export const maxPageSize = 1000;
 const maxReasonLength = 1024;
 const maxActorLength = 256;
@@ -35,18 +39,35 @@ function freezeResult(outcome: FreezeOutcome) {
   }
 }
 
+/** What the handlers are built from. */
+export interface KeysDriverDeps {
+  readonly store: Store;
+  readonly pageTokens: PageTokenCodec;
+  /** WatchKeys cursors and ListKeyChanges page tokens. */
+  readonly positions: PositionTokens;
+  /** The process's feed of key changes, for WatchKeys. */
+  readonly feed: KeyFeed;
+  readonly watch: WatchSettings;
+}
+
+/** A page size as FetchKeys and ListKeyChanges take it: 0 means the default, above the maximum the maximum. */
+function pageSizeOf(requested: number): number {
+  const size = requireNonNegative("page_size", requested);
+  return size === 0 ? defaultPageSize : Math.min(size, maxPageSize);
+}
+
 /**
  * The KeysDriverService handlers: each validates its request, makes one store
  * call and maps rows to messages. Failures are turned into statuses, and
  * calls counted, around every handler where services are registered
  * (src/interceptors.ts).
  */
-export function createKeysDriverService(store: Store, pageTokens: PageTokenCodec) {
+export function createKeysDriverService(deps: KeysDriverDeps) {
+  const { store, pageTokens, positions } = deps;
   return {
     fetchKeys: async (req) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
-      const requested = requireNonNegative("page_size", req.pageSize);
-      const pageSize = requested === 0 ? defaultPageSize : Math.min(requested, maxPageSize);
+      const pageSize = pageSizeOf(req.pageSize);
       const skip = requireNonNegative("skip", req.skip);
       const cursor = req.pageToken === "" ? undefined : pageTokens.decode(tenantId, req.pageToken);
       // One extra row says whether another page exists without a count.
@@ -119,9 +140,21 @@ export function createKeysDriverService(store: Store, pageTokens: PageTokenCodec
       return create(UpdateKeyUnfrozenResponseSchema, freezeResult(outcome));
     },
 
-    // biome-ignore lint/correctness/useYield: declared in the contract, not built yet.
-    async *watchKeys() {
-      throw new ConnectError("WatchKeys is not implemented yet", Code.Unimplemented);
+    watchKeys: createWatchKeys(store, deps.feed, positions, deps.watch),
+
+    listKeyChanges: async (req) => {
+      const tenantId = requireUuid("tenant_id", req.tenantId);
+      const keyId = req.keyId === "" ? undefined : requireUuid("key_id", req.keyId);
+      const pageSize = pageSizeOf(req.pageSize);
+      const before = req.pageToken === "" ? undefined : positions.positionOfPageToken(tenantId, keyId, req.pageToken);
+      const rows = await store.listKeyChanges(tenantId, { keyId, before, limit: pageSize + 1 });
+      const page = rows.slice(0, pageSize);
+      const last = page.at(-1);
+      const scope = { allTenants: false, tenantId, keyIds: [] } as const;
+      return create(ListKeyChangesResponseSchema, {
+        changes: page.map((event) => keyChange(event, positions.cursor(scope, event.position))),
+        nextPageToken: rows.length > pageSize && last ? positions.pageToken(tenantId, keyId, last.position) : "",
+      });
     },
   } satisfies ServiceImpl<typeof KeysDriverService>;
 }

@@ -48,6 +48,8 @@ export function keySnapshot(row: KeyRow): KeySnapshot {
     expiresAt: optionalTimestamp(row.expires_at_us),
     totalRequests: row.total_requests,
     etag: formatEtag(row.id, row.version),
+    freezeReason: row.freeze_reason ?? "",
+    freezeActor: row.freeze_actor ?? "",
   };
 }
 

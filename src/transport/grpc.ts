@@ -1,9 +1,10 @@
-import type { DescMessage, DescService, MessageShape } from "@bufbuild/protobuf";
+import type { DescMessage, DescMethod, DescService, MessageShape } from "@bufbuild/protobuf";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
-import { ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createHandlerContext, type HandlerContext } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
 
 type UnaryHandler = (req: never) => Promise<unknown>;
+type StreamHandler = (req: never, context: HandlerContext) => AsyncIterable<unknown>;
 
 function deserializer<D extends DescMessage>(schema: D) {
   return (bytes: Buffer): MessageShape<D> => fromBinary(schema, bytes);
@@ -23,6 +24,53 @@ function serializer<D extends DescMessage>(schema: D) {
 function toServiceError(err: unknown): Partial<grpc.ServiceError> {
   const error = ConnectError.from(err);
   return { code: error.code as number as grpc.status, details: error.rawMessage };
+}
+
+/**
+ * A server-streaming handler served by grpc-js: the handler gets a context
+ * whose signal aborts when the client cancels or its deadline passes, and
+ * it is read only as fast as the client takes its messages (a full buffer
+ * waits for "drain"), so a slow client slows the handler, not memory.
+ */
+function serverStream(service: DescService, method: DescMethod, handler: StreamHandler) {
+  return (call: grpc.ServerWritableStream<unknown, unknown>) => {
+    const cancelled = new AbortController();
+    call.on("cancelled", () => cancelled.abort(new ConnectError("the client cancelled the call", Code.Canceled)));
+    const deadline = call.getDeadline();
+    const timeoutMs = (typeof deadline === "number" ? deadline : deadline.getTime()) - Date.now();
+    const context = createHandlerContext({
+      service,
+      method,
+      protocolName: "grpc",
+      requestMethod: "POST",
+      url: `/${service.typeName}/${method.name}`,
+      timeoutMs: timeoutMs !== undefined && Number.isFinite(timeoutMs) ? Math.max(0, timeoutMs) : undefined,
+      requestSignal: cancelled.signal,
+    });
+    const drained = () =>
+      new Promise<void>((resolve) => {
+        const done = () => {
+          call.off("drain", done);
+          cancelled.signal.removeEventListener("abort", done);
+          resolve();
+        };
+        call.on("drain", done);
+        cancelled.signal.addEventListener("abort", done, { once: true });
+      });
+    (async () => {
+      try {
+        for await (const message of handler(call.request as never, context)) {
+          if (cancelled.signal.aborted) break;
+          if (!call.write(message)) await drained();
+        }
+        if (!cancelled.signal.aborted) call.end();
+      } catch (err) {
+        if (!cancelled.signal.aborted) call.emit("error", toServiceError(err));
+      } finally {
+        context.abort();
+      }
+    })();
+  };
 }
 
 /**
@@ -48,15 +96,17 @@ export function grpcServiceFor(
       responseDeserialize: deserializer(method.output),
       originalName: method.localName,
     };
-    const handler = handlers[method.localName] as UnaryHandler | undefined;
+    const handler = handlers[method.localName];
     if (method.methodKind === "unary" && handler) {
       const unary: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
-        handler(call.request as never).then(
+        (handler as UnaryHandler)(call.request as never).then(
           (response) => callback(null, response),
           (err: unknown) => callback(toServiceError(err)),
         );
       };
       implementation[method.localName] = unary;
+    } else if (method.methodKind === "server_streaming" && handler) {
+      implementation[method.localName] = serverStream(service, method, handler as StreamHandler);
     } else {
       implementation[method.localName] = (call: grpc.ServerWritableStream<unknown, unknown>) => {
         call.emit("error", { code: grpc.status.UNIMPLEMENTED, details: `${method.name} is not implemented yet` });

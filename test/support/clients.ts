@@ -28,7 +28,28 @@ export interface JsonCaller {
   call(method: string, request: JsonObject): Promise<JsonObject>;
   /** Reads a server stream to its end. */
   stream(method: string, request: JsonObject): Promise<JsonObject[]>;
+  /** Opens a server stream, to be read one message at a time (nothing is read ahead). */
+  open(method: string, request: JsonObject): OpenStream;
   close(): void;
+}
+
+/** A server stream being read. */
+export interface OpenStream {
+  /**
+   * The next message, or undefined when the stream ended. Throws RpcError
+   * when the stream failed, and a plain Error after `waitMs` without one.
+   */
+  next(waitMs?: number): Promise<JsonObject | undefined>;
+  /** Cancels the call. */
+  cancel(): void;
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no message within ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 function methodOf(name: string) {
@@ -69,6 +90,33 @@ export function connectCaller(name: string, transport: Transport): JsonCaller {
         rethrow(err);
       }
       return out;
+    },
+    open(method, request) {
+      const m = methodOf(method);
+      const fn = client[m.localName as keyof typeof client] as (
+        req: unknown,
+        options: { signal: AbortSignal },
+      ) => AsyncIterable<unknown>;
+      const abort = new AbortController();
+      const iterator = fn(fromJson(m.input, request), { signal: abort.signal })[Symbol.asyncIterator]();
+      let pending: Promise<IteratorResult<unknown>> | undefined;
+      return {
+        async next(waitMs = 10_000) {
+          pending ??= iterator.next();
+          try {
+            const result = await withTimeout(pending, waitMs);
+            pending = undefined;
+            return result.done ? undefined : asJson(m.output, result.value);
+          } catch (err) {
+            if (!(err instanceof ConnectError)) throw err;
+            pending = undefined;
+            return rethrow(err);
+          }
+        },
+        cancel() {
+          abort.abort();
+        },
+      };
     },
     close() {},
   };
@@ -175,6 +223,50 @@ export function grpcJsCaller(address: string): JsonCaller {
         call.on("error", (err: grpc.ServiceError) => reject(asRpcError(err)));
         call.on("end", () => resolve(out));
       });
+    },
+    open(method, request) {
+      const call = (client[method] as (req: unknown) => grpc.ClientReadableStream<unknown>).call(
+        client,
+        requestFor(method, request),
+      );
+      // Paused between reads, so that nothing is read ahead of the test.
+      call.pause();
+      const queue: JsonObject[] = [];
+      let ended = false;
+      let failure: RpcError | undefined;
+      let wake: (() => void) | undefined;
+      call.on("data", (res) => {
+        queue.push(normalise(res) as JsonObject);
+        call.pause();
+        wake?.();
+      });
+      call.on("error", (err: grpc.ServiceError) => {
+        failure = asRpcError(err);
+        wake?.();
+      });
+      call.on("end", () => {
+        ended = true;
+        wake?.();
+      });
+      return {
+        async next(waitMs = 10_000) {
+          if (queue.length === 0 && !ended && !failure) {
+            const arrived = new Promise<void>((resolve) => {
+              wake = resolve;
+            });
+            call.resume();
+            await withTimeout(arrived, waitMs);
+            wake = undefined;
+          }
+          const message = queue.shift();
+          if (message) return message;
+          if (failure) throw failure;
+          return undefined;
+        },
+        cancel() {
+          call.cancel();
+        },
+      };
     },
     close() {
       client.close();

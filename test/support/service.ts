@@ -1,4 +1,4 @@
-import { type RunningService, type ServiceHooks, startService } from "../../src/service.js";
+import { type RunningService, type ServiceConfig, type ServiceHooks, startService } from "../../src/service.js";
 import { createTestDatabase, type TestDatabase } from "./database.js";
 
 /**
@@ -7,7 +7,7 @@ import { createTestDatabase, type TestDatabase } from "./database.js";
  */
 export async function startTestService(
   databaseUrl: string,
-  settings: { readonly poolMax?: number; readonly pageTokenSecret?: Uint8Array } = {},
+  settings: Partial<Omit<ServiceConfig, "databaseUrl">> = {},
   hooks: ServiceHooks = {},
 ): Promise<RunningService> {
   return await startService(
@@ -15,9 +15,13 @@ export async function startTestService(
       databaseUrl,
       host: "127.0.0.1",
       port: 0,
-      poolMax: settings.poolMax ?? 10,
+      poolMax: 10,
       statementTimeoutMs: 30_000,
-      pageTokenSecret: settings.pageTokenSecret,
+      pageTokenSecret: undefined,
+      watchProgressIntervalMs: 15_000,
+      watchMaxQueuedChanges: 10_000,
+      watchPollIntervalMs: 5_000,
+      ...settings,
     },
     { logError: () => {}, ...hooks },
   );
@@ -33,7 +37,7 @@ export interface ServiceUnderTest {
  * Registers mocha hooks that give the calling suite a fresh database and the
  * real service on it, torn down after the suite; read the fields in tests.
  */
-export function useTestService(settings: { readonly poolMax?: number } = {}): ServiceUnderTest {
+export function useTestService(settings: Partial<Omit<ServiceConfig, "databaseUrl">> = {}): ServiceUnderTest {
   const state = {} as { db: TestDatabase; server: RunningService };
   before(async () => {
     state.db = await createTestDatabase();

@@ -33,7 +33,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keysdriver/v1/keys_driver.proto.
  */
 export const file_keysdriver_v1_keys_driver: GenFile = /*@__PURE__*/
-  fileDesc("Ch9rZXlzZHJpdmVyL3YxL2tleXNfZHJpdmVyLnByb3RvEg1rZXlzZHJpdmVyLnYxIvICCgtLZXlTbmFwc2hvdBIKCgJpZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRISCgprZXlfcHJlZml4GAQgASgJEigKBnN0YXR1cxgFIAEoDjIYLmtleXNkcml2ZXIudjEuS2V5U3RhdHVzEhEKCWlzX2Zyb3plbhgGIAEoCBItCglmcm96ZW5fYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdG90YWxfcmVxdWVzdHMYCyABKAMSDAoEZXRhZxgMIAEoCSK/AQoQS2V5VXNhZ2VTbmFwc2hvdBIOCgZrZXlfaWQYASABKAkSKQoFc2luY2UYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXF1ZXN0X2NvdW50GAQgASgDEhMKC3NwZW5kX2NlbnRzGAUgASgDEhkKEXNwZW5kX2NlbnRzX2V4YWN0GAYgASgJIloKEEZldGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEgwKBHNraXAYBCABKAUiVgoRRmV0Y2hLZXlzUmVzcG9uc2USKAoEa2V5cxgBIAMoCzIaLmtleXNkcml2ZXIudjEuS2V5U25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEENvdW50S2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIiIKEUNvdW50S2V5c1Jlc3BvbnNlEg0KBWNvdW50GAEgASgDIjgKE0ZldGNoS2V5QnlJZFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCSI/ChRGZXRjaEtleUJ5SWRSZXNwb25zZRInCgNrZXkYASABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90Io8BChRGZXRjaEtleVVzYWdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEikKBXNpbmNlGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiRwoVRmV0Y2hLZXlVc2FnZVJlc3BvbnNlEi4KBXVzYWdlGAEgASgLMh8ua2V5c2RyaXZlci52MS5LZXlVc2FnZVNuYXBzaG90Ij0KGEZldGNoS2V5Rm9yVXBkYXRlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJIkQKGUZldGNoS2V5Rm9yVXBkYXRlUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdCKXAQoWVXBkYXRlS2V5RnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEi0KCWZyb3plbl9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkiUwoXVXBkYXRlS2V5RnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIImoKGFVwZGF0ZUtleVVuZnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEgwKBGV0YWcYAyABKAkSDgoGcmVhc29uGAQgASgJEg0KBWFjdG9yGAUgASgJIlUKGVVwZGF0ZUtleVVuZnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIIk0KEFdhdGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB2tleV9pZHMYAiADKAkSFQoNcmVzdW1lX2N1cnNvchgDIAEoCSI9ChFXYXRjaEtleXNSZXNwb25zZRIoCgZjaGFuZ2UYASABKAsyGC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZSK/AQoJS2V5Q2hhbmdlEg4KBmN1cnNvchgBIAEoCRIqCgRraW5kGAIgASgOMhwua2V5c2RyaXZlci52MS5LZXlDaGFuZ2VLaW5kEicKA2tleRgDIAEoCzIaLmtleXNkcml2ZXIudjEuS2V5U25hcHNob3QSLgoKY2hhbmdlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAUgASgJEg0KBWFjdG9yGAYgASgJKm4KCUtleVN0YXR1cxIaChZLRVlfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFQoRS0VZX1NUQVRVU19BQ1RJVkUQARIWChJLRVlfU1RBVFVTX1JFVk9LRUQQAhIWChJLRVlfU1RBVFVTX0VYUElSRUQQAyqHAQoNS2V5Q2hhbmdlS2luZBIfChtLRVlfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIaChZLRVlfQ0hBTkdFX0tJTkRfRlJPWkVOEAESHAoYS0VZX0NIQU5HRV9LSU5EX1VORlJPWkVOEAISGwoXS0VZX0NIQU5HRV9LSU5EX1VQREFURUQQAzKPBgoRS2V5c0RyaXZlclNlcnZpY2USUwoJRmV0Y2hLZXlzEh8ua2V5c2RyaXZlci52MS5GZXRjaEtleXNSZXF1ZXN0GiAua2V5c2RyaXZlci52MS5GZXRjaEtleXNSZXNwb25zZSIDkAIBElMKCUNvdW50S2V5cxIfLmtleXNkcml2ZXIudjEuQ291bnRLZXlzUmVxdWVzdBogLmtleXNkcml2ZXIudjEuQ291bnRLZXlzUmVzcG9uc2UiA5ACARJcCgxGZXRjaEtleUJ5SWQSIi5rZXlzZHJpdmVyLnYxLkZldGNoS2V5QnlJZFJlcXVlc3QaIy5rZXlzZHJpdmVyLnYxLkZldGNoS2V5QnlJZFJlc3BvbnNlIgOQAgESXwoNRmV0Y2hLZXlVc2FnZRIjLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlVc2FnZVJlcXVlc3QaJC5rZXlzZHJpdmVyLnYxLkZldGNoS2V5VXNhZ2VSZXNwb25zZSIDkAIBEmsKEUZldGNoS2V5Rm9yVXBkYXRlEicua2V5c2RyaXZlci52MS5GZXRjaEtleUZvclVwZGF0ZVJlcXVlc3QaKC5rZXlzZHJpdmVyLnYxLkZldGNoS2V5Rm9yVXBkYXRlUmVzcG9uc2UiA5ACARJlCg9VcGRhdGVLZXlGcm96ZW4SJS5rZXlzZHJpdmVyLnYxLlVwZGF0ZUtleUZyb3plblJlcXVlc3QaJi5rZXlzZHJpdmVyLnYxLlVwZGF0ZUtleUZyb3plblJlc3BvbnNlIgOQAgISawoRVXBkYXRlS2V5VW5mcm96ZW4SJy5rZXlzZHJpdmVyLnYxLlVwZGF0ZUtleVVuZnJvemVuUmVxdWVzdBooLmtleXNkcml2ZXIudjEuVXBkYXRlS2V5VW5mcm96ZW5SZXNwb25zZSIDkAICElAKCVdhdGNoS2V5cxIfLmtleXNkcml2ZXIudjEuV2F0Y2hLZXlzUmVxdWVzdBogLmtleXNkcml2ZXIudjEuV2F0Y2hLZXlzUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Ch9rZXlzZHJpdmVyL3YxL2tleXNfZHJpdmVyLnByb3RvEg1rZXlzZHJpdmVyLnYxIp8DCgtLZXlTbmFwc2hvdBIKCgJpZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRISCgprZXlfcHJlZml4GAQgASgJEigKBnN0YXR1cxgFIAEoDjIYLmtleXNkcml2ZXIudjEuS2V5U3RhdHVzEhEKCWlzX2Zyb3plbhgGIAEoCBItCglmcm96ZW5fYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdG90YWxfcmVxdWVzdHMYCyABKAMSDAoEZXRhZxgMIAEoCRIVCg1mcmVlemVfcmVhc29uGA0gASgJEhQKDGZyZWV6ZV9hY3RvchgOIAEoCSK/AQoQS2V5VXNhZ2VTbmFwc2hvdBIOCgZrZXlfaWQYASABKAkSKQoFc2luY2UYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXF1ZXN0X2NvdW50GAQgASgDEhMKC3NwZW5kX2NlbnRzGAUgASgDEhkKEXNwZW5kX2NlbnRzX2V4YWN0GAYgASgJIloKEEZldGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEgwKBHNraXAYBCABKAUiVgoRRmV0Y2hLZXlzUmVzcG9uc2USKAoEa2V5cxgBIAMoCzIaLmtleXNkcml2ZXIudjEuS2V5U25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEENvdW50S2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIiIKEUNvdW50S2V5c1Jlc3BvbnNlEg0KBWNvdW50GAEgASgDIjgKE0ZldGNoS2V5QnlJZFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCSI/ChRGZXRjaEtleUJ5SWRSZXNwb25zZRInCgNrZXkYASABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90Io8BChRGZXRjaEtleVVzYWdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEikKBXNpbmNlGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiRwoVRmV0Y2hLZXlVc2FnZVJlc3BvbnNlEi4KBXVzYWdlGAEgASgLMh8ua2V5c2RyaXZlci52MS5LZXlVc2FnZVNuYXBzaG90Ij0KGEZldGNoS2V5Rm9yVXBkYXRlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJIkQKGUZldGNoS2V5Rm9yVXBkYXRlUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdCKXAQoWVXBkYXRlS2V5RnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEi0KCWZyb3plbl9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkiUwoXVXBkYXRlS2V5RnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIImoKGFVwZGF0ZUtleVVuZnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEgwKBGV0YWcYAyABKAkSDgoGcmVhc29uGAQgASgJEg0KBWFjdG9yGAUgASgJIlUKGVVwZGF0ZUtleVVuZnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIIn4KEFdhdGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB2tleV9pZHMYAiADKAkSFQoNcmVzdW1lX2N1cnNvchgDIAEoCRITCgthbGxfdGVuYW50cxgEIAEoCBIaChJzZW5kX2luaXRpYWxfc3RhdGUYBSABKAgipgEKEVdhdGNoS2V5c1Jlc3BvbnNlEigKBmNoYW5nZRgBIAEoCzIYLmtleXNkcml2ZXIudjEuS2V5Q2hhbmdlEisKB2N1cnJlbnQYAiABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90EioKBm1hcmtlchgDIAEoDjIaLmtleXNkcml2ZXIudjEuV2F0Y2hNYXJrZXISDgoGY3Vyc29yGAQgASgJIuUBCglLZXlDaGFuZ2USDgoGY3Vyc29yGAEgASgJEioKBGtpbmQYAiABKA4yHC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZUtpbmQSJwoDa2V5GAMgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIuCgpjaGFuZ2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkSDwoHZGJfcm9sZRgHIAEoCRITCgthcHBsaWNhdGlvbhgIIAEoCSJhChVMaXN0S2V5Q2hhbmdlc1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJcChZMaXN0S2V5Q2hhbmdlc1Jlc3BvbnNlEikKB2NoYW5nZXMYASADKAsyGC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqbgoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhYKEktFWV9TVEFUVVNfUkVWT0tFRBACEhYKEktFWV9TVEFUVVNfRVhQSVJFRBADKl8KC1dhdGNoTWFya2VyEhwKGFdBVENIX01BUktFUl9VTlNQRUNJRklFRBAAEhcKE1dBVENIX01BUktFUl9TWU5DRUQQARIZChVXQVRDSF9NQVJLRVJfUFJPR1JFU1MQAirBAQoNS2V5Q2hhbmdlS2luZBIfChtLRVlfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIaChZLRVlfQ0hBTkdFX0tJTkRfRlJPWkVOEAESHAoYS0VZX0NIQU5HRV9LSU5EX1VORlJPWkVOEAISGwoXS0VZX0NIQU5HRV9LSU5EX1VQREFURUQQAxIbChdLRVlfQ0hBTkdFX0tJTkRfQ1JFQVRFRBAEEhsKF0tFWV9DSEFOR0VfS0lORF9ERUxFVEVEEAUy8wYKEUtleXNEcml2ZXJTZXJ2aWNlElMKCUZldGNoS2V5cxIfLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlzUmVxdWVzdBogLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlzUmVzcG9uc2UiA5ACARJTCglDb3VudEtleXMSHy5rZXlzZHJpdmVyLnYxLkNvdW50S2V5c1JlcXVlc3QaIC5rZXlzZHJpdmVyLnYxLkNvdW50S2V5c1Jlc3BvbnNlIgOQAgESXAoMRmV0Y2hLZXlCeUlkEiIua2V5c2RyaXZlci52MS5GZXRjaEtleUJ5SWRSZXF1ZXN0GiMua2V5c2RyaXZlci52MS5GZXRjaEtleUJ5SWRSZXNwb25zZSIDkAIBEl8KDUZldGNoS2V5VXNhZ2USIy5rZXlzZHJpdmVyLnYxLkZldGNoS2V5VXNhZ2VSZXF1ZXN0GiQua2V5c2RyaXZlci52MS5GZXRjaEtleVVzYWdlUmVzcG9uc2UiA5ACARJrChFGZXRjaEtleUZvclVwZGF0ZRInLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlGb3JVcGRhdGVSZXF1ZXN0Gigua2V5c2RyaXZlci52MS5GZXRjaEtleUZvclVwZGF0ZVJlc3BvbnNlIgOQAgESZQoPVXBkYXRlS2V5RnJvemVuEiUua2V5c2RyaXZlci52MS5VcGRhdGVLZXlGcm96ZW5SZXF1ZXN0GiYua2V5c2RyaXZlci52MS5VcGRhdGVLZXlGcm96ZW5SZXNwb25zZSIDkAICEmsKEVVwZGF0ZUtleVVuZnJvemVuEicua2V5c2RyaXZlci52MS5VcGRhdGVLZXlVbmZyb3plblJlcXVlc3QaKC5rZXlzZHJpdmVyLnYxLlVwZGF0ZUtleVVuZnJvemVuUmVzcG9uc2UiA5ACAhJQCglXYXRjaEtleXMSHy5rZXlzZHJpdmVyLnYxLldhdGNoS2V5c1JlcXVlc3QaIC5rZXlzZHJpdmVyLnYxLldhdGNoS2V5c1Jlc3BvbnNlMAESYgoOTGlzdEtleUNoYW5nZXMSJC5rZXlzZHJpdmVyLnYxLkxpc3RLZXlDaGFuZ2VzUmVxdWVzdBolLmtleXNkcml2ZXIudjEuTGlzdEtleUNoYW5nZXNSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A read-only view of one API key. The secret and its hash never leave the
@@ -121,12 +121,29 @@ export type KeySnapshot = Message<"keysdriver.v1.KeySnapshot"> & {
   totalRequests: bigint;
 
   /**
-   * Opaque version tag; it changes on every change of the key. Pass it back
-   * in an update to make the update conditional on nothing having changed.
+   * Opaque version tag; it changes on every change of the key's state (not
+   * on the proxy's usage counters). Pass it back in an update to make the
+   * update conditional on nothing having changed.
    *
    * @generated from field: string etag = 12;
    */
   etag: string;
+
+  /**
+   * Why the key is frozen, as given with the freeze; empty when not frozen
+   * or when none was given.
+   *
+   * @generated from field: string freeze_reason = 13;
+   */
+  freezeReason: string;
+
+  /**
+   * Who froze it, as given with the freeze; empty when not frozen or when
+   * none was given.
+   *
+   * @generated from field: string freeze_actor = 14;
+   */
+  freezeActor: string;
 };
 
 /**
@@ -647,33 +664,50 @@ export const UpdateKeyUnfrozenResponseSchema: GenMessage<UpdateKeyUnfrozenRespon
   messageDesc(file_keysdriver_v1_keys_driver, 15);
 
 /**
- * Request for WatchKeys.
+ * Request for WatchKeys. Exactly one of tenant_id and all_tenants.
  *
  * @generated from message keysdriver.v1.WatchKeysRequest
  */
 export type WatchKeysRequest = Message<"keysdriver.v1.WatchKeysRequest"> & {
   /**
-   * Required. The tenant whose keys to watch.
+   * The tenant whose keys to watch.
    *
    * @generated from field: string tenant_id = 1;
    */
   tenantId: string;
 
   /**
-   * Optional. Only changes of these keys; empty means every key of the
-   * tenant.
+   * Optional, with tenant_id only. Only changes of these keys (at most
+   * 1000); empty means every key of the tenant.
    *
    * @generated from field: repeated string key_ids = 2;
    */
   keyIds: string[];
 
   /**
-   * Optional. Resume after this KeyChange.cursor, replaying what was missed;
-   * empty means only changes from now on.
+   * Optional. Resume after this cursor (from any message of an earlier
+   * stream with the same tenant_id or all_tenants), replaying what was
+   * missed; empty means changes from now on.
    *
    * @generated from field: string resume_cursor = 3;
    */
   resumeCursor: string;
+
+  /**
+   * Watch every tenant's keys: for a caller that serves them all, like the
+   * gateway. Must be said explicitly; an empty tenant_id alone is refused.
+   *
+   * @generated from field: bool all_tenants = 4;
+   */
+  allTenants: boolean;
+
+  /**
+   * First send every matching key's current state, then a SYNCED marker,
+   * then changes. Not together with resume_cursor.
+   *
+   * @generated from field: bool send_initial_state = 5;
+   */
+  sendInitialState: boolean;
 };
 
 /**
@@ -684,17 +718,40 @@ export const WatchKeysRequestSchema: GenMessage<WatchKeysRequest> = /*@__PURE__*
   messageDesc(file_keysdriver_v1_keys_driver, 16);
 
 /**
- * One message of the WatchKeys stream.
+ * One message of the WatchKeys stream: exactly one of change, current and
+ * marker is set, and cursor always is.
  *
  * @generated from message keysdriver.v1.WatchKeysResponse
  */
 export type WatchKeysResponse = Message<"keysdriver.v1.WatchKeysResponse"> & {
   /**
-   * The change.
+   * A change of a key.
    *
    * @generated from field: keysdriver.v1.KeyChange change = 1;
    */
   change?: KeyChange | undefined;
+
+  /**
+   * One key's current state (the initial state, when asked for).
+   *
+   * @generated from field: keysdriver.v1.KeySnapshot current = 2;
+   */
+  current?: KeySnapshot | undefined;
+
+  /**
+   * A marker: initial state complete, or progress.
+   *
+   * @generated from field: keysdriver.v1.WatchMarker marker = 3;
+   */
+  marker: WatchMarker;
+
+  /**
+   * Where the stream stands after this message; pass as resume_cursor to
+   * continue after it.
+   *
+   * @generated from field: string cursor = 4;
+   */
+  cursor: string;
 };
 
 /**
@@ -711,7 +768,8 @@ export const WatchKeysResponseSchema: GenMessage<WatchKeysResponse> = /*@__PURE_
  */
 export type KeyChange = Message<"keysdriver.v1.KeyChange"> & {
   /**
-   * Opaque position in the feed; pass as resume_cursor to continue after it.
+   * The change's position in the feed; pass as resume_cursor to continue
+   * after it.
    *
    * @generated from field: string cursor = 1;
    */
@@ -725,7 +783,7 @@ export type KeyChange = Message<"keysdriver.v1.KeyChange"> & {
   kind: KeyChangeKind;
 
   /**
-   * The key right after the change.
+   * The key right after the change (for a deletion, right before it).
    *
    * @generated from field: keysdriver.v1.KeySnapshot key = 3;
    */
@@ -739,18 +797,34 @@ export type KeyChange = Message<"keysdriver.v1.KeyChange"> & {
   changedAt?: Timestamp | undefined;
 
   /**
-   * The reason given with the change, if any.
+   * Why: the freeze's or unfreeze's reason, or what the writer set as
+   * keys.change_reason; empty if nobody said.
    *
    * @generated from field: string reason = 5;
    */
   reason: string;
 
   /**
-   * The actor given with the change, if any.
+   * Who: the freeze's or unfreeze's actor, or what the writer set as
+   * keys.change_actor; empty if nobody said.
    *
    * @generated from field: string actor = 6;
    */
   actor: string;
+
+  /**
+   * The database role that made the change.
+   *
+   * @generated from field: string db_role = 7;
+   */
+  dbRole: string;
+
+  /**
+   * The application_name of the database session that made the change.
+   *
+   * @generated from field: string application = 8;
+   */
+  application: string;
 };
 
 /**
@@ -759,6 +833,78 @@ export type KeyChange = Message<"keysdriver.v1.KeyChange"> & {
  */
 export const KeyChangeSchema: GenMessage<KeyChange> = /*@__PURE__*/
   messageDesc(file_keysdriver_v1_keys_driver, 18);
+
+/**
+ * Request for ListKeyChanges.
+ *
+ * @generated from message keysdriver.v1.ListKeyChangesRequest
+ */
+export type ListKeyChangesRequest = Message<"keysdriver.v1.ListKeyChangesRequest"> & {
+  /**
+   * Required. The tenant whose key changes to list.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * Optional. Only this key's changes.
+   *
+   * @generated from field: string key_id = 2;
+   */
+  keyId: string;
+
+  /**
+   * Maximum number of changes in the page: 0 means 50, above 1000 means
+   * 1000, negative is INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * Empty for the first (newest) page; otherwise a next_page_token from an
+   * earlier answer to the same tenant_id and key_id.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message keysdriver.v1.ListKeyChangesRequest.
+ * Use `create(ListKeyChangesRequestSchema)` to create a new message.
+ */
+export const ListKeyChangesRequestSchema: GenMessage<ListKeyChangesRequest> = /*@__PURE__*/
+  messageDesc(file_keysdriver_v1_keys_driver, 19);
+
+/**
+ * Response for ListKeyChanges.
+ *
+ * @generated from message keysdriver.v1.ListKeyChangesResponse
+ */
+export type ListKeyChangesResponse = Message<"keysdriver.v1.ListKeyChangesResponse"> & {
+  /**
+   * The changes, newest first.
+   *
+   * @generated from field: repeated keysdriver.v1.KeyChange changes = 1;
+   */
+  changes: KeyChange[];
+
+  /**
+   * Pass as page_token for older changes; empty when there are no more.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message keysdriver.v1.ListKeyChangesResponse.
+ * Use `create(ListKeyChangesResponseSchema)` to create a new message.
+ */
+export const ListKeyChangesResponseSchema: GenMessage<ListKeyChangesResponse> = /*@__PURE__*/
+  messageDesc(file_keysdriver_v1_keys_driver, 20);
 
 /**
  * The state an API key is in. A frozen key keeps its status: freezing is a
@@ -803,6 +949,41 @@ export const KeyStatusSchema: GenEnum<KeyStatus> = /*@__PURE__*/
   enumDesc(file_keysdriver_v1_keys_driver, 0);
 
 /**
+ * What a WatchKeysResponse without a change or a current key says.
+ *
+ * @generated from enum keysdriver.v1.WatchMarker
+ */
+export enum WatchMarker {
+  /**
+   * Not a marker: the message carries a change or a current key.
+   *
+   * @generated from enum value: WATCH_MARKER_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The initial state is complete; changes follow.
+   *
+   * @generated from enum value: WATCH_MARKER_SYNCED = 1;
+   */
+  SYNCED = 1,
+
+  /**
+   * The stream has started, or nothing changed in a while; the cursor is
+   * where the stream stands.
+   *
+   * @generated from enum value: WATCH_MARKER_PROGRESS = 2;
+   */
+  PROGRESS = 2,
+}
+
+/**
+ * Describes the enum keysdriver.v1.WatchMarker.
+ */
+export const WatchMarkerSchema: GenEnum<WatchMarker> = /*@__PURE__*/
+  enumDesc(file_keysdriver_v1_keys_driver, 1);
+
+/**
  * What happened to a key.
  *
  * @generated from enum keysdriver.v1.KeyChangeKind
@@ -835,13 +1016,27 @@ export enum KeyChangeKind {
    * @generated from enum value: KEY_CHANGE_KIND_UPDATED = 3;
    */
   UPDATED = 3,
+
+  /**
+   * The key was created.
+   *
+   * @generated from enum value: KEY_CHANGE_KIND_CREATED = 4;
+   */
+  CREATED = 4,
+
+  /**
+   * The key was deleted; key is its last state.
+   *
+   * @generated from enum value: KEY_CHANGE_KIND_DELETED = 5;
+   */
+  DELETED = 5,
 }
 
 /**
  * Describes the enum keysdriver.v1.KeyChangeKind.
  */
 export const KeyChangeKindSchema: GenEnum<KeyChangeKind> = /*@__PURE__*/
-  enumDesc(file_keysdriver_v1_keys_driver, 1);
+  enumDesc(file_keysdriver_v1_keys_driver, 2);
 
 /**
  * Reads a tenant's API keys and flips their kill switch.
@@ -949,10 +1144,30 @@ export const KeysDriverService: GenService<{
     output: typeof UpdateKeyUnfrozenResponseSchema;
   },
   /**
-   * Streams changes of key state (freeze, unfreeze, other updates) for a
-   * tenant as they happen.
+   * Streams changes of keys as they commit: one tenant's (optionally some of
+   * its keys), or every tenant's (all_tenants, for the gateway). A change is
+   * any change of a key's state (created, frozen, unfrozen, status, name,
+   * expiry, deleted...) by anyone: this service, another one, or SQL. The
+   * proxy's usage counters (total_requests, last_used_at) are not changes.
    *
-   * Not implemented yet: answers UNIMPLEMENTED.
+   * Every message carries a cursor. The stream opens with a PROGRESS marker
+   * (the cursor it starts from), or, with send_initial_state, with every
+   * matching key's current state and then a SYNCED marker; changes follow,
+   * with nothing missed or repeated in between. Reconnecting with the last
+   * cursor received (resume_cursor) delivers every change after it exactly
+   * once, in commit order, then live changes. An idle stream gets a PROGRESS
+   * marker every 15 seconds by default.
+   *
+   * The stream ends with UNAVAILABLE when the server shuts down and with
+   * RESOURCE_EXHAUSTED when the client falls too far behind (10,000 changes
+   * by default); in both cases reconnect with the last cursor, with backoff.
+   *
+   * Errors: INVALID_ARGUMENT (bad tenant_id or key_ids, tenant_id together
+   * with all_tenants or neither, key_ids with all_tenants, a resume_cursor
+   * that was edited or issued for another tenant, resume_cursor together
+   * with send_initial_state), OUT_OF_RANGE (the resume_cursor is older than
+   * the retained history: list the keys again, or watch with
+   * send_initial_state).
    *
    * @generated from rpc keysdriver.v1.KeysDriverService.WatchKeys
    */
@@ -960,6 +1175,21 @@ export const KeysDriverService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchKeysRequestSchema;
     output: typeof WatchKeysResponseSchema;
+  },
+  /**
+   * Pages through a tenant's key changes, newest first: who froze a key,
+   * when and why (the audit trail; kept as long as the feed's history, 90
+   * days by default).
+   *
+   * Errors: INVALID_ARGUMENT (bad tenant_id or key_id, negative page_size, a
+   * page_token that was edited or issued for another query).
+   *
+   * @generated from rpc keysdriver.v1.KeysDriverService.ListKeyChanges
+   */
+  listKeyChanges: {
+    methodKind: "unary";
+    input: typeof ListKeyChangesRequestSchema;
+    output: typeof ListKeyChangesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keysdriver_v1_keys_driver, 0);

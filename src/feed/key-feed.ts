@@ -1,0 +1,232 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { Sql } from "../db/client.js";
+import { type EventRow, type EventScope, type EventsRead, feedBounds, fetchEventsAfter } from "../db/events.js";
+
+/**
+ * The process's one reader of key_events: it listens for the database's
+ * wake-up (LISTEN/NOTIFY on one connection), reads what is new from the
+ * table (the truth), and hands each new event to every subscribed stream
+ * whose scope it matches. A slow poll backs up the wake-ups, and a listener
+ * that reconnects reads what it missed.
+ */
+export interface KeyFeed {
+  /** Every event up to this position has been handed to the subscribers of the time. */
+  readonly position: bigint;
+  /** Streams subscribed now. */
+  readonly subscribers: number;
+  /**
+   * Starts queueing the events in `scope` after the feed's current position
+   * (the subscription's `from`), at most `maxQueued` waiting at once: past
+   * that the subscription fails with RESOURCE_EXHAUSTED.
+   */
+  subscribe(scope: EventScope, maxQueued: number): Subscription;
+  /** Ends every subscription with UNAVAILABLE (the server is going away). */
+  endSubscriptions(): void;
+  /** Stops listening and polling. */
+  close(): Promise<void>;
+}
+
+/** What a subscription yields: new events in scope, and how far the feed has read. */
+export interface Delivery {
+  readonly events: EventRow[];
+  /** Every event up to here has been considered for this subscription. */
+  readonly through: bigint;
+}
+
+export interface Subscription {
+  /** The feed's position when the subscription began. */
+  readonly from: bigint;
+  /** Every event up to here has been considered for this subscription (queued if in scope). */
+  readonly through: bigint;
+  /**
+   * The events queued since the last call (waiting for some when there are
+   * none), or undefined when `waitMs` passed without any. Throws the
+   * subscription's failure, or when `signal` aborts.
+   */
+  next(signal: AbortSignal, waitMs: number): Promise<Delivery | undefined>;
+  close(): void;
+}
+
+export interface KeyFeedOptions {
+  /** The slow poll that backs up the wake-ups, in milliseconds. */
+  readonly pollIntervalMs: number;
+  /** Told when reading fails, once per outage (the feed retries on its own). */
+  readonly onError: (err: unknown) => void;
+}
+
+const batchSize = 1000;
+
+function matches(scope: EventScope, event: EventRow): boolean {
+  if (scope.allTenants) return true;
+  if (event.key.tenant_id !== scope.tenantId) return false;
+  return scope.keyIds.length === 0 || scope.keyIds.includes(event.key.id);
+}
+
+class QueuedSubscription implements Subscription {
+  private queue: EventRow[] = [];
+  through: bigint;
+  private failure: ConnectError | undefined;
+  private wake: (() => void) | undefined;
+
+  constructor(
+    readonly from: bigint,
+    readonly scope: EventScope,
+    private readonly maxQueued: number,
+    private readonly onClose: (s: QueuedSubscription) => void,
+  ) {
+    this.through = from;
+  }
+
+  push(events: EventRow[], through: bigint): void {
+    if (this.failure) return;
+    const queued = this.queue.length;
+    for (const event of events) if (matches(this.scope, event)) this.queue.push(event);
+    this.through = through;
+    if (this.queue.length === queued) return;
+    if (this.queue.length > this.maxQueued) {
+      this.fail(
+        new ConnectError(
+          `the stream fell more than ${this.maxQueued} changes behind; resume from the last cursor received`,
+          Code.ResourceExhausted,
+        ),
+      );
+    }
+    this.wake?.();
+  }
+
+  fail(error: ConnectError): void {
+    this.failure ??= error;
+    this.queue = [];
+    this.wake?.();
+  }
+
+  async next(signal: AbortSignal, waitMs: number): Promise<Delivery | undefined> {
+    if (this.queue.length === 0 && !this.failure) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(done, waitMs);
+        signal.addEventListener("abort", done, { once: true });
+        this.wake = done;
+        function done() {
+          clearTimeout(timer);
+          signal.removeEventListener("abort", done);
+          resolve();
+        }
+      });
+      this.wake = undefined;
+    }
+    signal.throwIfAborted();
+    if (this.failure) throw this.failure;
+    if (this.queue.length === 0) return undefined;
+    const events = this.queue;
+    this.queue = [];
+    return { events, through: this.through };
+  }
+
+  close(): void {
+    this.onClose(this);
+  }
+}
+
+/**
+ * Starts the process's feed on `sql`, from the table's head. The database
+ * need not be reachable yet: until the feed has read the head once,
+ * subscribing fails with UNAVAILABLE, and the feed keeps trying.
+ */
+export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
+  const subscribers = new Set<QueuedSubscription>();
+  let position: bigint | undefined;
+  let listening: { unlisten(): Promise<void> } | undefined;
+  let reading: Promise<void> | undefined;
+  let readAgain = false;
+  let failing = false;
+  let closed = false;
+
+  // Reads until the table has nothing newer; a wake-up during a read makes
+  // one more pass, so none is lost and none piles up. The first read only
+  // finds the head: the feed starts from now.
+  const read = (): Promise<void> => {
+    if (closed) return Promise.resolve();
+    if (reading) {
+      readAgain = true;
+      return reading;
+    }
+    reading = (async () => {
+      try {
+        do {
+          readAgain = false;
+          if (position === undefined) position = (await feedBounds(sql)).head;
+          for (;;) {
+            const read: EventsRead = await fetchEventsAfter(sql, position, { allTenants: true }, batchSize);
+            for (const s of subscribers) s.push(read.events, read.through);
+            position = read.through;
+            if (read.complete) break;
+          }
+        } while (readAgain && !closed);
+        failing = false;
+      } catch (err) {
+        // Told once per outage, not at every retry.
+        if (!failing && !closed) options.onError(err);
+        failing = true;
+      } finally {
+        reading = undefined;
+      }
+    })();
+    return reading;
+  };
+
+  // One listening connection for the process; postgres.js re-establishes it
+  // when it drops and calls the second callback again, which reads what the
+  // lost connection missed. Until the first LISTEN succeeds, the poll below
+  // retries it.
+  const listen = async () => {
+    if (listening || closed) return;
+    try {
+      listening = await sql.listen(
+        "key_events",
+        () => void read(),
+        () => void read(),
+      );
+      if (closed) await listening.unlisten();
+    } catch (err) {
+      if (!failing && !closed) options.onError(err);
+      failing = true;
+    }
+  };
+  void listen();
+  void read();
+  const poll = setInterval(() => {
+    void listen();
+    void read();
+  }, options.pollIntervalMs);
+  poll.unref();
+
+  const endSubscriptions = () => {
+    const shutdown = new ConnectError("the server is shutting down; reconnect with the last cursor", Code.Unavailable);
+    for (const s of subscribers) s.fail(shutdown);
+  };
+  return {
+    get position() {
+      return position ?? 0n;
+    },
+    get subscribers() {
+      return subscribers.size;
+    },
+    subscribe(scope, maxQueued) {
+      if (position === undefined) {
+        void read();
+        throw new ConnectError("the feed of key changes is not available yet; retry", Code.Unavailable);
+      }
+      const subscription = new QueuedSubscription(position, scope, maxQueued, (s) => subscribers.delete(s));
+      subscribers.add(subscription);
+      return subscription;
+    },
+    endSubscriptions,
+    async close() {
+      closed = true;
+      clearInterval(poll);
+      endSubscriptions();
+      await listening?.unlisten();
+      await reading;
+    },
+  };
+}
