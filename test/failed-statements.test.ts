@@ -14,7 +14,7 @@ import { startTestService } from "./support/service.js";
 // postgres.js 3.4.x, after a statement fails part-way through its rows,
 // resolves the next statement on the same connection with a sparse array
 // (porsager/postgres#1181). The service loads it with a fix
-// (src/db/postgres-rows-fix.js) and checks every result's length against
+// (src/db/postgres-fixes.js) and checks every result's length against
 // the server's row count (src/db/client.ts).
 
 /** Streams two rows, then fails on the third (division by zero). */
@@ -104,6 +104,25 @@ describe("a statement that fails part-way through its rows", () => {
       expect([...(await sql`select 1 as one`)]).to.deep.equal([{ one: 1 }]);
     } finally {
       await sql.end();
+    }
+  });
+});
+
+describe("postgres.js with fetch_types off (porsager/postgres#1219)", () => {
+  it("reserves a connection on a pool that has none open yet", async () => {
+    const db = await createTestDatabase();
+    const sql = createSql({ url: db.url, poolMax: 2, statementTimeoutMs: 0 });
+    try {
+      const reserved = await sql.reserve();
+      try {
+        const [row]: [{ n: bigint }?] = await reserved`select 1::int8 as n`;
+        expect(row?.n).to.equal(1n);
+      } finally {
+        reserved.release();
+      }
+    } finally {
+      await sql.end({ timeout: 1 });
+      await db.drop();
     }
   });
 });

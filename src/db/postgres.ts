@@ -1,14 +1,14 @@
 import { register } from "node:module";
 
-// postgres.js, loaded with the fix in ./postgres-rows-fix.js applied. Every
+// postgres.js, loaded with the fixes in ./postgres-fixes.js applied. Every
 // module of the service takes the driver from here: a static import of
 // "postgres" anywhere would load the module before the fix is registered.
-register("./postgres-rows-fix.js", import.meta.url);
+register("./postgres-fixes.js", import.meta.url);
 const { default: postgres } = await import("postgres");
 
-if ((globalThis as Record<symbol, unknown>)[Symbol.for("keys-driver-service.postgres-rows-fix")] !== true) {
+if ((globalThis as Record<symbol, unknown>)[Symbol.for("keys-driver-service.postgres-fixes")] !== true) {
   throw new Error(
-    "postgres.js was loaded without the fix in src/db/postgres-rows-fix.js " +
+    "postgres.js was loaded without the fix in src/db/postgres-fixes.js " +
       '(was "postgres" imported directly somewhere before src/db/postgres.ts?)',
   );
 }
