@@ -11,11 +11,12 @@ import { fetchKeyById, fetchKeys, type KeyRow, updateKeyFrozen, updateKeyUnfroze
 import { findServiceSecret } from "../src/db/secrets.js";
 import { fetchKeyUsage } from "../src/db/usage.js";
 import { createPageTokenCodec } from "../src/rpc/page-token.js";
+import { createTokenSigner } from "../src/rpc/signed-token.js";
 
 const sql = createSql({ url: process.env.DATABASE_URL ?? "", poolMax: 10, statementTimeoutMs: 10_000 });
 const secret = await findServiceSecret(sql, "page_token");
 if (!secret) throw new Error("no page token secret");
-const tokens = createPageTokenCodec(secret);
+const tokens = createPageTokenCodec(createTokenSigner(secret));
 
 const definition = protoLoader.loadSync(
   [path.resolve("proto/keysdriver/v1/keys_driver.proto"), path.resolve("proto/grpc/health/v1/health.proto")],

@@ -6,6 +6,7 @@ import path from "node:path";
 import { renderChart } from "./chart.js";
 import type { Measured, Settings } from "./measure.js";
 import type { Scale } from "./seed.js";
+import type { WatchResults } from "./watch.js";
 
 /** One scenario's figures, each the median of its rounds. */
 export interface Row {
@@ -55,6 +56,7 @@ export interface Results {
   readonly windowPoints: WindowPoint[];
   readonly countPlan: CountPlan;
   readonly soak?: Soak;
+  readonly watch?: WatchResults;
 }
 
 interface Target {
@@ -92,6 +94,25 @@ export function targets(r: Results): Target[] {
     { target: `${r.scale.days}-day usage <= 1.5x 1-day usage`, value: allDays / oneDay, ok: (v: number) => v <= 1.5 },
     ...(r.soak
       ? [{ target: "soak: last minute >= 95% of first", value: r.soak.ratio, ok: (v: number) => v >= 0.95 }]
+      : []),
+    ...(r.watch
+      ? [
+          {
+            target: "freeze-to-event p99 ms (100 watchers) <= 50",
+            value: r.watch.latency.p99Ms,
+            ok: (v: number) => v <= 50,
+          },
+          {
+            target: "changes lost by watchers (latency and fan-out runs) = 0",
+            value: r.watch.latency.missing + r.watch.fanOut.missing,
+            ok: (v: number) => v === 0,
+          },
+          {
+            target: "freeze calls/s with the feed >= 0.9x without",
+            value: r.watch.freezeThroughput.ratio,
+            ok: (v: number) => v >= 0.9,
+          },
+        ]
       : []),
   ];
   // A scenario left out with --only leaves its target unmeasured, not missed.
@@ -162,6 +183,16 @@ export async function report(r: Results, outDir: string): Promise<boolean> {
     "latency against window (FetchKeyUsage's SQL on a hot key, p50 ms):",
   );
   for (const p of r.windowPoints) lines.push(`  ${String(p.days).padStart(3)} days: ${fmt(p.ms)}`);
+  if (r.watch) {
+    const { latency, fanOut, idleStreams, freezeThroughput } = r.watch;
+    lines.push(
+      "\nWatchKeys:",
+      `  freeze-to-event latency, ${latency.watchers} watchers in another process, ${latency.freezes} freezes at 50/s: p50 ${fmt(latency.p50Ms)} ms, p99 ${fmt(latency.p99Ms)} ms, max ${fmt(latency.maxMs)} ms, ${latency.missing} deliveries missing`,
+      `  fan-out: ${fanOut.changes} changes to ${fanOut.watchers} all-tenant watchers: ${fmt(fanOut.changesPerSecond, 0)} changes/s, ${fmt(fanOut.deliveriesPerSecond, 0)} deliveries/s, ${fanOut.missing} missing`,
+      `  memory: ${idleStreams.streams} idle streams, ${fmt(idleStreams.bytesPerStream / 1024, 1)} KiB each (service RSS)`,
+      `  UpdateKeyFrozen/Unfrozen: ${fmt(freezeThroughput.withFeed.callsPerSecond, 0)} calls/s with the feed (100 watchers), ${fmt(freezeThroughput.withoutFeed.callsPerSecond, 0)} without (${fmt(freezeThroughput.ratio)}x); p99 ${fmt(freezeThroughput.withFeed.p99Ms)} vs ${fmt(freezeThroughput.withoutFeed.p99Ms)} ms`,
+    );
+  }
   const checked = targets(r);
   lines.push("\ntargets:");
   for (const t of checked) lines.push(`  ${t.met ? "met " : "MISSED"}  ${t.target}: ${fmt(t.value)}`);

@@ -11,6 +11,7 @@ import { createSql } from "../src/db/client.js";
 import { findServiceSecret } from "../src/db/secrets.js";
 import { createStore, type Store } from "../src/db/store.js";
 import { createPageTokenCodec } from "../src/rpc/page-token.js";
+import { createTokenSigner } from "../src/rpc/signed-token.js";
 import { migrate } from "../src/schema/migrate.js";
 import { openBenchDatabase } from "./database.js";
 import {
@@ -28,13 +29,15 @@ import {
 import { type CountPlan, type Row, report, type Soak } from "./report.js";
 import { type Fixtures, keysetPositions, loadFixtures, type Scenario, scenarios, windows } from "./scenarios.js";
 import { benchScale, isSeeded, type Scale, seed, smallScale } from "./seed.js";
+import { measureWatch } from "./watch.js";
 
 const usage = `npm run bench [-- options]
 
   --small              the small data set (quick try-out) instead of the bench data set
   --seconds N          seconds per measured run, after a 2 s warm-up (default 10)
   --rounds N           alternating rounds of ours and the peer per scenario; medians are reported (default 3)
-  --only NAME[,NAME]   only the scenarios whose names contain one of these
+  --only NAME[,NAME]   only the scenarios whose names contain one of these ("WatchKeys" for the
+                       feed's measurements: latency, fan-out, memory per stream, freeze throughput)
   --soak               also drive FetchKeyById for --soak-seconds and compare the last minute with the first
   --soak-seconds N     length of the soak (default 330)
   --out DIR            where results.json and latency.svg go (default bench-results)
@@ -156,7 +159,7 @@ async function main(): Promise<number> {
   }
   const secret = await findServiceSecret(db.sql, "page_token");
   if (!secret) throw new Error("no page token secret");
-  const tokens = createPageTokenCodec(secret);
+  const tokens = createPageTokenCodec(createTokenSigner(secret));
   const fixtures = await loadFixtures(db.sql, tokens, scale);
   // The in-process ("raw") side, and the statements it sends for pgbench.
   const captured: { query: string; parameters: readonly unknown[] }[] = [];
@@ -168,7 +171,8 @@ async function main(): Promise<number> {
   });
   const store = createStore(rawSql);
   const only = args.only.split(",");
-  const list = scenarios(fixtures, store, tokens, scale).filter((s) => only.some((o) => s.name.includes(o)));
+  const all = scenarios(fixtures, store, tokens, scale);
+  const list = all.filter((s) => only.some((o) => s.name.includes(o)));
 
   const common = { DATABASE_URL: db.url, PORT: "0", ROLLUP_INTERVAL_MS: "0", DATABASE_POOL_MAX: "10" };
   const servers = {
@@ -210,11 +214,16 @@ async function main(): Promise<number> {
     const countPlan = await countKeysPlan(db.url, fixtures.bigTenants[0] ?? "");
     console.error("measuring latency against depth and window ...");
     const { depthPoints, windowPoints } = await latencySeries(db.sql, store, fixtures);
+    const freezes = all.find((s) => s.name.startsWith("UpdateKeyFrozen"));
+    const watch =
+      only.some((o) => "WatchKeys".includes(o)) && freezes
+        ? await measureWatch(settings, servers.ours, db.sql, fixtures, freezes)
+        : undefined;
     const byId = list.find((s) => s.name === "FetchKeyById");
     const soaked = args.soak && byId ? await soak(servers.ours, byId) : undefined;
     if (soaked && !soaked.ok) failed = true;
     const met = await report(
-      { scale, settings, rounds, rows, depthPoints, windowPoints, countPlan, soak: soaked?.soak },
+      { scale, settings, rounds, rows, depthPoints, windowPoints, countPlan, soak: soaked?.soak, watch },
       args.out,
     );
     if (!met) failed = true;

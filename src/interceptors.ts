@@ -1,5 +1,5 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
-import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { Code, type ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import { type ErrorLogger, toConnectError } from "./errors.js";
 import type { Metrics } from "./metrics.js";
 
@@ -32,36 +32,44 @@ export function codeName(code: Code): string {
   return codeNames.get(code) ?? String(code);
 }
 
+/** One call being observed: its failure mapped to a status, its end counted. */
+function observe(method: DescMethod, observers: CallObservers) {
+  const started = observers.metrics ? performance.now() : 0;
+  let code = "OK";
+  return {
+    failed(err: unknown): ConnectError {
+      const error = toConnectError(err, observers.logError);
+      code = codeName(error.code);
+      return error;
+    },
+    ended(): void {
+      observers.metrics?.record(method.name, code, (performance.now() - started) / 1000);
+    },
+  };
+}
+
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
-  const { metrics, logError } = observers;
   return async (request, context) => {
-    const started = metrics ? performance.now() : 0;
-    let code = "OK";
+    const call = observe(method, observers);
     try {
       return await handler(request, context);
     } catch (err) {
-      const error = toConnectError(err, logError);
-      code = codeName(error.code);
-      throw error;
+      throw call.failed(err);
     } finally {
-      metrics?.record(method.name, code, (performance.now() - started) / 1000);
+      call.ended();
     }
   };
 }
 
 function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallObservers): StreamHandler {
-  const { metrics, logError } = observers;
   return async function* (request, context) {
-    const started = metrics ? performance.now() : 0;
-    let code = "OK";
+    const call = observe(method, observers);
     try {
       yield* handler(request, context);
     } catch (err) {
-      const error = toConnectError(err, logError);
-      code = codeName(error.code);
-      throw error;
+      throw call.failed(err);
     } finally {
-      metrics?.record(method.name, code, (performance.now() - started) / 1000);
+      call.ended();
     }
   };
 }

@@ -51,7 +51,7 @@ function fakeStore(overrides: Partial<Store>): Store {
     updateKeyFrozen: unexpected,
     updateKeyUnfrozen: unexpected,
     feedBounds: unexpected,
-    fetchEventsAfter: unexpected,
+    fetchEventsBetween: unexpected,
     fetchKeysAtSnapshot: unexpected,
     listKeyChanges: unexpected,
     ...overrides,
@@ -65,6 +65,8 @@ function handlersFor(store: Store) {
     position: 0n,
     subscribers: 0,
     subscribe: unexpected,
+    readNow: unexpected,
+    ready: unexpected,
     endSubscriptions: () => {},
     close: async () => {},
   };

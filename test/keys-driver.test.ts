@@ -2,23 +2,12 @@ import { randomUUID } from "node:crypto";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
-import { connectGrpcCaller, grpcJsCaller, type JsonCaller, RpcError } from "./support/clients.js";
+import { connectGrpcCaller, failure, grpcJsCaller, type JsonCaller, type RpcError } from "./support/clients.js";
 import { insertCalls, insertKey, insertKeysAt, newTenant } from "./support/fixtures.js";
 import { useTestService } from "./support/service.js";
 
 const svc = "keysdriver.v1.KeysDriverService";
 const etagPattern = /^\d+\.[0-9a-z]{7}$/;
-
-/** The status a call fails with; fails the test if it succeeds. */
-async function failure(promise: Promise<unknown>): Promise<RpcError> {
-  try {
-    await promise;
-  } catch (err) {
-    if (err instanceof RpcError) return err;
-    throw err;
-  }
-  throw new Error("expected the call to fail, but it succeeded");
-}
 
 async function expectStatus(promise: Promise<unknown>, code: Code, messagePart: string): Promise<void> {
   const err = await failure(promise);

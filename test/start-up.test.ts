@@ -75,7 +75,9 @@ describe("starting the service", () => {
   it("says in one line why a DATABASE_URL cannot be used", async () => {
     const closed = await runService({ DATABASE_URL: "postgres://x@127.0.0.1:1/x", PORT: "0" });
     expect(closed.code).to.equal(1);
-    expect(closed.output).to.contain("cannot use the database at 127.0.0.1:1/x: nothing listens there; check DATABASE_URL");
+    expect(closed.output).to.contain(
+      "cannot use the database at 127.0.0.1:1/x: nothing listens there; check DATABASE_URL",
+    );
     const db = await createTestDatabase();
     try {
       const missing = new URL(db.url);

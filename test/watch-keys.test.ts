@@ -9,6 +9,7 @@ import type { RunningService } from "../src/service.js";
 import {
   connectGrpcCaller,
   connectProtocolCaller,
+  failure,
   grpcJsCaller,
   grpcWebCaller,
   type JsonCaller,
@@ -21,16 +22,6 @@ import { startTestService } from "./support/service.js";
 
 // WatchKeys and ListKeyChanges against the real service and PostgreSQL,
 // through both gRPC clients (and Connect and gRPC-Web for streaming).
-
-async function failure(promise: Promise<unknown>): Promise<RpcError> {
-  try {
-    await promise;
-  } catch (err) {
-    if (err instanceof RpcError) return err;
-    throw err;
-  }
-  throw new Error("expected the call to fail, but it succeeded");
-}
 
 /** The next `count` changes of a stream, skipping progress markers; fails after `waitMs` of silence. */
 async function changes(stream: OpenStream, count: number, waitMs = 10_000): Promise<JsonObject[]> {
@@ -88,7 +79,8 @@ describe("WatchKeys and ListKeyChanges", () => {
   before(async () => {
     db = await createTestDatabase();
     service = await startTestService(db.url, { watchProgressIntervalMs: 300 });
-    writer = createSql({ url: db.url, poolMax: 10, statementTimeoutMs: 30_000 });
+    // A writer other than this service, like a console or an operator's SQL.
+    writer = createSql({ url: db.url, poolMax: 10, statementTimeoutMs: 30_000, applicationName: "console" });
   });
   after(async () => {
     await writer?.end();
@@ -123,7 +115,7 @@ describe("WatchKeys and ListKeyChanges", () => {
         expect(unfrozen?.key).to.not.have.property("freezeReason");
         expect(renamed).to.include({ kind: "KEY_CHANGE_KIND_UPDATED", actor: "console:carol", dbRole: "postgres" });
         expect(keyOf(renamed).name).to.equal("after");
-        expect(renamed?.application).to.equal("keys-driver-service");
+        expect(renamed?.application).to.equal("console");
         for (const c of [frozen, unfrozen, renamed]) expect(c?.changedAt).to.be.a("string");
         stream.cancel();
       });
@@ -380,6 +372,40 @@ describe("WatchKeys and ListKeyChanges", () => {
       // A reader that resumes from before both sees both, in commit order.
       const resumed = client.open("WatchKeys", { tenantId, resumeCursor: start });
       expect((await changes(resumed, 2)).map((c) => (c.key as JsonObject).id)).to.deep.equal([late, early]);
+      resumed.cancel();
+    });
+
+    it("waits for a position taken before commit, skipping nothing, and holds back no freeze meanwhile", async () => {
+      const tenantId = newTenant();
+      const held = await insertKey(db.sql, { tenantId });
+      const frozen = await insertKey(db.sql, { tenantId });
+      const stream = client.open("WatchKeys", { tenantId });
+      const start = ((await stream.next()) as JsonObject).cursor as string;
+      // SET CONSTRAINTS ... IMMEDIATE fires the event trigger at once: the
+      // transaction takes its position now and holds it until it ends.
+      const slow = await writer.reserve();
+      try {
+        await slow`begin`;
+        await slow`set constraints all immediate`;
+        await rename(slow, tenantId, held, "position taken, not yet committed");
+        // The kill switch keeps working while the feed waits for that position.
+        for (let i = 0; i < 6; i++) {
+          await client.call(i % 2 === 0 ? "UpdateKeyFrozen" : "UpdateKeyUnfrozen", { tenantId, keyId: frozen });
+        }
+        // A snapshot cannot be taken while a position is held: retry later.
+        const initial = client.open("WatchKeys", { tenantId, sendInitialState: true });
+        expect((await failure(initial.next())).code).to.equal(Code.Unavailable);
+        // The later changes wait for the held one, which may still commit.
+        await quiet(stream, 500);
+        await slow`commit`;
+      } finally {
+        slow.release();
+      }
+      const expected = [held, frozen, frozen, frozen, frozen, frozen, frozen];
+      expect((await changes(stream, 7)).map((c) => keyOf(c).id)).to.deep.equal(expected);
+      stream.cancel();
+      const resumed = client.open("WatchKeys", { tenantId, resumeCursor: start });
+      expect((await changes(resumed, 7)).map((c) => keyOf(c).id)).to.deep.equal(expected);
       resumed.cancel();
     });
 

@@ -12,6 +12,12 @@ export interface SqlOptions {
   readonly poolMax: number;
   /** Server-side cap on one statement, in milliseconds; 0 = none. */
   readonly statementTimeoutMs: number;
+  /**
+   * The session's application_name, which the database records with every
+   * key change; default "keys-driver-service", the name under which the
+   * database leaves waking the feed's readers to the writer (migration 0004).
+   */
+  readonly applicationName?: string;
   /** How long to wait for a connection, in seconds; postgres.js's default (30) when unset. */
   readonly connectTimeoutSeconds?: number;
   /** Sees the text and parameters of every statement sent (tests, benchmark). */
@@ -39,7 +45,7 @@ export function createSql(options: SqlOptions): Sql {
     types: { bigint: postgres.BigInt },
     connection: {
       TimeZone: "UTC",
-      application_name: "keys-driver-service",
+      application_name: options.applicationName ?? "keys-driver-service",
       ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {}),
     },
     // No array-type lookup when a connection opens: a failure of that lookup
@@ -87,7 +93,8 @@ function isPendingQuery(value: unknown): value is PendingQuery {
 function checkResult(result: unknown): ResultMismatchError | undefined {
   if (!Array.isArray(result) || result.length === 0) return undefined;
   const count = (result as { count?: unknown }).count;
-  if (typeof count === "number") return result.length === count ? undefined : new ResultMismatchError(result.length, count);
+  if (typeof count === "number")
+    return result.length === count ? undefined : new ResultMismatchError(result.length, count);
   for (const part of result) {
     if (Array.isArray(part) && typeof (part as { count?: unknown }).count === "number") {
       const mismatch = checkResult(part);
@@ -113,7 +120,7 @@ function checkQuery(query: unknown): void {
  * length differs from the server's row count fails the statement with
  * ResultMismatchError instead of reaching a caller. postgres.js 3.4.x can
  * produce such a result after a statement fails part-way (see
- * ./postgres-rows-fix.js, which fixes the cause); this guard keeps any
+ * ./postgres-fixes.js, which fixes the cause); this guard keeps any
  * recurrence from turning into a wrong answer.
  */
 export function checkedResults<S extends Sql>(sql: S): S {

@@ -1,3 +1,4 @@
+import { Code, ConnectError } from "@connectrpc/connect";
 import type { Micros } from "../micros.js";
 import { arrayLiteral, type Sql } from "./client.js";
 import { type KeyRow, keyColumns } from "./keys.js";
@@ -88,7 +89,102 @@ export function laterPosition(a: bigint, b: bigint): bigint {
   return a > b ? a : b;
 }
 
-/** What one read of the feed found. */
+/**
+ * Every event writer holds this lock, shared, from taking its position until
+ * its transaction ends (migration 0004). Taking it exclusively waits until
+ * every position taken so far is committed or abandoned; an arbitrary
+ * constant.
+ */
+const positionLockKey = 7_301_944_514n;
+
+/**
+ * How long a reader waits for the lock before giving up for now. A writer
+ * normally holds it for the moment its commit takes; one that fired the
+ * trigger early (SET CONSTRAINTS ... IMMEDIATE, or PREPARE TRANSACTION) holds
+ * it until it ends, and while a reader waits, new writers queue behind the
+ * reader. The bound keeps such a stall of the kill switch short.
+ */
+const positionLockTimeout = "200ms";
+
+/** The lock was not granted within positionLockTimeout. */
+export function isLockTimeout(err: unknown): boolean {
+  return typeof err === "object" && err !== null && (err as { code?: unknown }).code === "55P03";
+}
+
+/** The feed's newest position, at a moment when no position is being taken. */
+export async function settledHead(sql: Sql): Promise<bigint> {
+  return await sql.begin(async (tx) => {
+    await tx`select set_config('lock_timeout', ${positionLockTimeout}, true)`;
+    await tx`select pg_advisory_xact_lock(${positionLockKey.toString()}::int8)`;
+    const [row]: [{ head: bigint }?] = await tx`
+      select coalesce(max(position), 0) as head
+      /* spans tenants: the head */ from key_events
+    `;
+    return row?.head ?? 0n;
+  });
+}
+
+/** What the process's reader of the whole feed found. */
+export interface FeedRead {
+  /** New events, oldest first, with no position missing between them. */
+  readonly events: EventRow[];
+  /** Every position up to here is read: delivered, or known never to come. */
+  readonly through: bigint;
+  /** False when the read stopped at its limit: read again from `through`. */
+  readonly complete: boolean;
+  /**
+   * A position missing below ones already visible: taken by a commit still
+   * under way, or by one that failed. Events after it wait; read again soon,
+   * and settle if it is still missing.
+   */
+  readonly missing?: bigint;
+}
+
+/**
+ * The whole feed after `position`, at most `limit` events, up to the first
+ * position that is missing below visible ones. With `settle`, first waits
+ * (the lock, exclusively, for a moment) until every position taken so far is
+ * committed or abandoned: then nothing missing can still come, and the read
+ * passes over it.
+ */
+export async function readFeed(sql: Sql, position: bigint, limit: number, settle: boolean): Promise<FeedRead> {
+  const read = (q: Sql) => q<FlatEventRow[]>`
+    select ${eventColumns(q)}
+    from key_events /* spans tenants: the process's reader of the whole feed */
+    where position > ${position}
+    order by position
+    limit ${limit}
+  `;
+  const settled = async () => {
+    try {
+      return await sql.begin(async (tx) => {
+        await tx`select set_config('lock_timeout', ${positionLockTimeout}, true)`;
+        await tx`select pg_advisory_xact_lock(${positionLockKey.toString()}::int8)`;
+        return await read(tx as unknown as Sql);
+      });
+    } catch (err) {
+      // A writer holds its position for long: read up to the gap, as if not settling.
+      if (isLockTimeout(err)) return undefined;
+      throw err;
+    }
+  };
+  const settledRows = settle ? await settled() : undefined;
+  const rows = settledRows ?? (await read(sql));
+  const events: EventRow[] = [];
+  let through = position;
+  let missing: bigint | undefined;
+  for (const row of rows) {
+    if (settledRows === undefined && row.position !== through + 1n) {
+      missing = through + 1n;
+      break;
+    }
+    events.push(toEvent(row));
+    through = row.position;
+  }
+  return { events, through, complete: rows.length < limit || missing !== undefined, missing };
+}
+
+/** What a read of one scope's events found. */
 export interface EventsRead {
   /** The events in scope, oldest first. */
   readonly events: EventRow[];
@@ -96,59 +192,43 @@ export interface EventsRead {
   readonly through: bigint;
   /** False when the read stopped at its limit: read again from `through`. */
   readonly complete: boolean;
-  /** The newest position the feed has. */
-  readonly head: bigint;
-  /** Events up to here were deleted by retention. */
-  readonly prunedThrough: bigint;
 }
 
 /**
- * Events in `scope` after `position`, oldest first, at most `limit`, read in
- * one snapshot with the feed's head and retention mark.
+ * Events in `scope` after `position` and up to `upTo`, oldest first, at most
+ * `limit`. `upTo` must be a position the feed has read through, so that no
+ * position below it can still appear.
  */
-export async function fetchEventsAfter(
+export async function fetchEventsBetween(
   sql: Sql,
   position: bigint,
+  upTo: bigint,
   scope: EventScope,
   limit: number,
 ): Promise<EventsRead> {
-  const rows = await sql<(FlatEventRow & { head: bigint; pruned_through: bigint })[]>`
-    with page as (
-      select ${eventColumns(sql)}
-      from key_events
-      where position > ${position}
-        ${inScope(sql, scope)}
-      order by position
-      limit ${limit}
-    )
-    select page.*, bounds.head, bounds.pruned_through
-    from (
-      select
-        coalesce((select max(position) /* spans tenants: the head */ from key_events), r.pruned_through) as head,
-        r.pruned_through
-      from key_events_retention as r
-      where r.singleton
-    ) as bounds
-    left join page on true
-    order by page.position
+  const rows = await sql<FlatEventRow[]>`
+    select ${eventColumns(sql)}
+    from key_events
+    where position > ${position}
+      and position <= ${upTo}
+      ${inScope(sql, scope)}
+    order by position
+    limit ${limit}
   `;
-  const head = rows[0]?.head ?? 0n;
-  const prunedThrough = rows[0]?.pruned_through ?? 0n;
-  const events = rows
-    .filter((r) => r.position !== null)
-    .map(({ head: _head, pruned_through: _pruned, ...r }) => toEvent(r));
+  const events = rows.map(toEvent);
   const last = events.at(-1)?.position;
-  if (events.length === limit && last !== undefined) {
-    return { events, through: last, complete: false, head, prunedThrough };
-  }
-  return { events, through: laterPosition(head, position), complete: true, head, prunedThrough };
+  if (events.length === limit && last !== undefined) return { events, through: last, complete: false };
+  return { events, through: laterPosition(upTo, position), complete: true };
 }
 
 /**
  * The feed's head and the keys in `scope` as one snapshot sees them: first
- * `{ head }`, then the keys in batches. The snapshot is held (a repeatable
- * read transaction on a connection of its own) only while the caller keeps
- * reading, and for at most a minute of the caller's idling between batches.
+ * `{ head }`, then the keys in batches. The snapshot is taken while no
+ * position is being taken (the lock, exclusively, for the moment that
+ * takes), so every change up to the head is in it and none after. It is held (a
+ * repeatable read transaction on a connection of its own) only while the
+ * caller keeps reading, and for at most a minute of the caller's idling
+ * between batches.
  */
 export async function* fetchKeysAtSnapshot(
   sql: Sql,
@@ -156,8 +236,20 @@ export async function* fetchKeysAtSnapshot(
   batchSize = 500,
 ): AsyncGenerator<{ readonly head: bigint } | { readonly keys: KeyRow[] }> {
   const tx = await sql.reserve();
+  let locked = false;
   let open = false;
   try {
+    // Held by this session across the snapshot's first statement only.
+    await tx`select set_config('lock_timeout', ${positionLockTimeout}, false)`;
+    try {
+      await tx`select pg_advisory_lock(${positionLockKey.toString()}::int8)`;
+    } catch (err) {
+      if (!isLockTimeout(err)) throw err;
+      throw new ConnectError("a change to the keys is taking long to commit; retry", Code.Unavailable);
+    } finally {
+      await tx`reset lock_timeout`;
+    }
+    locked = true;
     await tx`begin isolation level repeatable read read only`;
     open = true;
     await tx`set local idle_in_transaction_session_timeout = '60s'`;
@@ -165,7 +257,10 @@ export async function* fetchKeysAtSnapshot(
       select coalesce(max(position), 0) as head
       /* spans tenants: the head */ from key_events
     `;
-    yield { head: row?.head ?? 0n };
+    await tx`select pg_advisory_unlock(${positionLockKey.toString()}::int8)`;
+    locked = false;
+    const head = row?.head ?? 0n;
+    yield { head };
     const keys = scope.allTenants
       ? tx<KeyRow[]>`
           select ${keyColumns(tx)}
@@ -184,6 +279,7 @@ export async function* fetchKeysAtSnapshot(
     open = false;
   } finally {
     if (open) await tx`rollback`.catch(() => {});
+    if (locked) await tx`select pg_advisory_unlock(${positionLockKey.toString()}::int8)`.catch(() => {});
     tx.release();
   }
 }

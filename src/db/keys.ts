@@ -121,6 +121,18 @@ export async function countKeys(sql: Sql, tenantId: string): Promise<bigint> {
   return row?.count ?? 0n;
 }
 
+/**
+ * Wakes the feed's readers in every process (LISTEN key_events) after a
+ * change this service committed. In a statement of its own: PostgreSQL
+ * serialises the commits of transactions that notify, and the change's own
+ * commit should not wait on others' (migration 0004).
+ */
+async function wakeFeedReaders(sql: Sql): Promise<void> {
+  // The change has committed: a lost wake-up must not fail the call, and the
+  // feed's slow poll delivers the change anyway.
+  await sql`select pg_notify('key_events', '')`.catch(() => {});
+}
+
 // One statement decides and writes, so a freeze racing an unfreeze cannot
 // interleave. The `locked` subquery takes the row lock and, under READ
 // COMMITTED, yields the newest committed row, so the version check and the
@@ -164,7 +176,9 @@ async function applyFreeze(sql: Sql, change: FreezeChange, set: ReturnType<Sql>)
   if (!row.id) return { kind: "stale" };
   const { found: _found, locked_version, ...key } = row;
   const keyRow = key as KeyRow;
-  return { kind: "done", key: keyRow, changed: keyRow.version !== locked_version };
+  const changed = keyRow.version !== locked_version;
+  if (changed) await wakeFeedReaders(sql);
+  return { kind: "done", key: keyRow, changed };
 }
 
 /**

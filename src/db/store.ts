@@ -21,7 +21,7 @@ const operations = {
   updateKeyFrozen: keys.updateKeyFrozen,
   updateKeyUnfrozen: keys.updateKeyUnfrozen,
   feedBounds: events.feedBounds,
-  fetchEventsAfter: events.fetchEventsAfter,
+  fetchEventsBetween: events.fetchEventsBetween,
   fetchKeysAtSnapshot: events.fetchKeysAtSnapshot,
   listKeyChanges: events.listKeyChanges,
 };

@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Sql } from "../db/client.js";
-import { type EventRow, type EventScope, type EventsRead, feedBounds, fetchEventsAfter } from "../db/events.js";
+import { type EventRow, type EventScope, type FeedRead, readFeed, settledHead } from "../db/events.js";
 
 /**
  * The process's one reader of key_events: it listens for the database's
@@ -14,6 +14,10 @@ export interface KeyFeed {
   readonly position: bigint;
   /** Streams subscribed now. */
   readonly subscribers: number;
+  /** Reads what has committed by now; resolves with the position read through. */
+  readNow(): Promise<bigint>;
+  /** Resolves once the feed has read the table once; UNAVAILABLE if it cannot. */
+  ready(): Promise<void>;
   /**
    * Starts queueing the events in `scope` after the feed's current position
    * (the subscription's `from`), at most `maxQueued` waiting at once: past
@@ -55,6 +59,14 @@ export interface KeyFeedOptions {
 }
 
 const batchSize = 1000;
+/** How long a missing position may be waited for before the reader settles it. */
+const settleAfterMs = 50;
+/**
+ * When settling keeps failing (a writer holds its position for long), the
+ * wait before the next try doubles up to this, so that the writers who queue
+ * behind each try are held back rarely.
+ */
+const maxSettleAfterMs = 5000;
 
 function matches(scope: EventScope, event: EventRow): boolean {
   if (scope.allTenants) return true;
@@ -141,6 +153,12 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
   let failing = false;
   let closed = false;
 
+  // A position missing below visible ones (a commit still under way, or one
+  // that failed), and when to settle it: events after it wait, and once it
+  // has been missing for a while the next read settles it (readFeed).
+  let missing: { position: bigint; settleAt: number; backoffMs: number } | undefined;
+  let recheck: NodeJS.Timeout | undefined;
+
   // Reads until the table has nothing newer; a wake-up during a read makes
   // one more pass, so none is lost and none piles up. The first read only
   // finds the head: the feed starts from now.
@@ -154,12 +172,26 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
       try {
         do {
           readAgain = false;
-          if (position === undefined) position = (await feedBounds(sql)).head;
+          if (position === undefined) position = await settledHead(sql);
           for (;;) {
-            const read: EventsRead = await fetchEventsAfter(sql, position, { allTenants: true }, batchSize);
-            for (const s of subscribers) s.push(read.events, read.through);
-            position = read.through;
-            if (read.complete) break;
+            const settle = missing !== undefined && Date.now() >= missing.settleAt;
+            const found: FeedRead = await readFeed(sql, position, batchSize, settle);
+            for (const s of subscribers) s.push(found.events, found.through);
+            position = found.through;
+            if (found.missing !== undefined) {
+              if (missing?.position !== found.missing) {
+                missing = { position: found.missing, settleAt: Date.now() + settleAfterMs, backoffMs: settleAfterMs };
+              } else if (settle) {
+                missing.backoffMs = Math.min(missing.backoffMs * 2, maxSettleAfterMs);
+                missing.settleAt = Date.now() + missing.backoffMs;
+              }
+              clearTimeout(recheck);
+              recheck = setTimeout(() => void read(), Math.max(0, missing.settleAt - Date.now()));
+              recheck.unref();
+              break;
+            }
+            missing = undefined;
+            if (found.complete) break;
           }
         } while (readAgain && !closed);
         failing = false;
@@ -220,10 +252,21 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
       subscribers.add(subscription);
       return subscription;
     },
+    async ready() {
+      if (position === undefined) await this.readNow();
+    },
+    async readNow() {
+      await read();
+      if (position === undefined) {
+        throw new ConnectError("the feed of key changes is not available yet; retry", Code.Unavailable);
+      }
+      return position;
+    },
     endSubscriptions,
     async close() {
       closed = true;
       clearInterval(poll);
+      clearTimeout(recheck);
       endSubscriptions();
       await listening?.unlisten();
       await reading;

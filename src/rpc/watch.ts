@@ -52,6 +52,12 @@ export function keyChange(event: EventRow, cursor: string): KeyChange {
   });
 }
 
+const tooOld = () =>
+  new ConnectError(
+    "resume_cursor is older than the retained history of changes: list the keys again (or watch with send_initial_state), then watch from the new cursor",
+    Code.OutOfRange,
+  );
+
 /** What a WatchKeys request asks to watch; INVALID_ARGUMENT naming the field otherwise. */
 export function watchScope(req: WatchKeysRequest): EventScope {
   if (req.allTenants) {
@@ -107,6 +113,25 @@ function slots(size: number) {
  */
 export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTokens, settings: WatchSettings) {
   const initialStateSlots = slots(settings.initialStateReaders);
+  // One change goes to every stream that watches it, from the same event
+  // object: its message (with the cursor of each scope: a tenant, or all
+  // tenants) is built once, not once per stream.
+  const built = new WeakMap<EventRow, Map<string, WatchKeysResponse>>();
+  const changeMessage = (event: EventRow, scope: EventScope) => {
+    const key = scope.allTenants ? "*" : scope.tenantId;
+    let byScope = built.get(event);
+    if (!byScope) {
+      byScope = new Map();
+      built.set(event, byScope);
+    }
+    let message = byScope.get(key);
+    if (!message) {
+      const cursor = tokens.cursor(scope, event.position);
+      message = create(WatchKeysResponseSchema, { change: keyChange(event, cursor), cursor });
+      byScope.set(key, message);
+    }
+    return message;
+  };
   return async function* watchKeys(req: WatchKeysRequest, context: HandlerContext): AsyncGenerator<WatchKeysResponse> {
     const scope = watchScope(req);
     if (req.sendInitialState && req.resumeCursor !== "") {
@@ -117,9 +142,9 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
       init: Pick<MessageInitShape<typeof WatchKeysResponseSchema>, "change" | "current" | "marker">,
       position: bigint,
     ) => create(WatchKeysResponseSchema, { ...init, cursor: tokens.cursor(scope, position) });
-    const change = (event: EventRow) =>
-      response({ change: keyChange(event, tokens.cursor(scope, event.position)) }, event.position);
+    const change = (event: EventRow) => changeMessage(event, scope);
 
+    await feed.ready();
     const subscription = feed.subscribe(scope, settings.maxQueuedChanges);
     try {
       let through: bigint;
@@ -136,31 +161,29 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
         }
         yield response({ marker: WatchMarker.SYNCED }, through);
       } else if (resumeFrom === undefined) {
-        // From now: the database's newest change, which the feed (woken by
-        // the database) may not have read yet.
-        const { head } = await store.feedBounds();
-        through = laterPosition(head, subscription.from);
+        // From now: whatever has committed by now is read first, not sent.
+        through = laterPosition(await feed.readNow(), subscription.from);
       } else {
+        const bounds = await store.feedBounds();
+        if (resumeFrom < bounds.prunedThrough) throw tooOld();
+        if (resumeFrom > bounds.head) {
+          // Positions this database never reached: it was restored from an older backup.
+          throw new ConnectError(
+            "resume_cursor is ahead of this database's history of changes: list the keys again (or watch with send_initial_state)",
+            Code.OutOfRange,
+          );
+        }
+        // Up to where the feed has read, from the table; after that, from the feed.
         through = resumeFrom;
+        const upTo = feed.position;
         for (let complete = false; !complete; ) {
-          const read = await store.fetchEventsAfter(through, scope, catchUpBatch);
-          if (read.prunedThrough > through) {
-            throw new ConnectError(
-              "resume_cursor is older than the retained history of changes: list the keys again (or watch with send_initial_state), then watch from the new cursor",
-              Code.OutOfRange,
-            );
-          }
-          if (read.head < through) {
-            // Positions this database never reached: it was restored from an older backup.
-            throw new ConnectError(
-              "resume_cursor is ahead of this database's history of changes: list the keys again (or watch with send_initial_state)",
-              Code.OutOfRange,
-            );
-          }
+          const read = await store.fetchEventsBetween(through, upTo, scope, catchUpBatch);
           for (const event of read.events) yield change(event);
           through = read.through;
           complete = read.complete;
         }
+        // Retention may have deleted some of what was to be read meanwhile.
+        if ((await store.feedBounds()).prunedThrough > resumeFrom) throw tooOld();
       }
 
       // Streams without an initial state open with a marker too: the caller

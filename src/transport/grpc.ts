@@ -18,6 +18,21 @@ function serializer<D extends DescMessage>(schema: D) {
   };
 }
 
+// A server stream's message is often the very same object sent on many
+// streams (a change fanned out to every watcher): encoded once.
+function sharedSerializer<D extends DescMessage>(schema: D) {
+  const encode = serializer(schema);
+  const encoded = new WeakMap<object, Buffer>();
+  return (message: MessageShape<D>): Buffer => {
+    let bytes = encoded.get(message);
+    if (!bytes) {
+      bytes = encode(message);
+      encoded.set(message, bytes);
+    }
+    return bytes;
+  };
+}
+
 // Handlers reach this point wrapped (src/interceptors.ts), so what they
 // throw is already the ConnectError for the caller. connect's Code numbers
 // are gRPC's status codes; the message goes out as the status details text.
@@ -92,7 +107,9 @@ export function grpcServiceFor(
       responseStream: method.methodKind === "server_streaming" || method.methodKind === "bidi_streaming",
       requestSerialize: serializer(method.input) as (message: unknown) => Buffer,
       requestDeserialize: deserializer(method.input),
-      responseSerialize: serializer(method.output) as (message: unknown) => Buffer,
+      responseSerialize: (method.methodKind === "server_streaming"
+        ? sharedSerializer(method.output)
+        : serializer(method.output)) as (message: unknown) => Buffer,
       responseDeserialize: deserializer(method.output),
       originalName: method.localName,
     };

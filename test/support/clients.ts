@@ -7,6 +7,17 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { KeysDriverService } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 
+/** The RpcError a call fails with; fails the test if it succeeds. */
+export async function failure(promise: Promise<unknown>): Promise<RpcError> {
+  try {
+    await promise;
+  } catch (err) {
+    if (err instanceof RpcError) return err;
+    throw err;
+  }
+  throw new Error("expected the call to fail, but it succeeded");
+}
+
 /** The status a call ended with when it did not succeed. */
 export class RpcError extends Error {
   constructor(

@@ -60,7 +60,8 @@ export async function createTestDatabase(options: { migrated?: boolean } = {}): 
   await admin`create database ${admin(name)}`;
   await admin.end();
   const url = withDatabase(adminUrl, name);
-  const sql = createSql({ url, poolMax: 20, statementTimeoutMs: 30_000 });
+  // Another application: its changes wake the feed through the database, as an operator's SQL would.
+  const sql = createSql({ url, poolMax: 20, statementTimeoutMs: 30_000, applicationName: "keys-driver-tests" });
   if (options.migrated !== false) await migrate(sql);
   return {
     url,

@@ -1155,8 +1155,8 @@ export const KeysDriverService: GenService<{
    * matching key's current state and then a SYNCED marker; changes follow,
    * with nothing missed or repeated in between. Reconnecting with the last
    * cursor received (resume_cursor) delivers every change after it exactly
-   * once, in commit order, then live changes. An idle stream gets a PROGRESS
-   * marker every 15 seconds by default.
+   * once, each key's in the order they committed, then live changes. An idle
+   * stream gets a PROGRESS marker every 15 seconds by default.
    *
    * The stream ends with UNAVAILABLE when the server shuts down and with
    * RESOURCE_EXHAUSTED when the client falls too far behind (10,000 changes

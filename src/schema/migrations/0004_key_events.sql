@@ -35,9 +35,9 @@ $$;
 
 create sequence key_events_position as bigint;
 
--- One row per change of one key, in commit order (see api_keys_record_event).
+-- One row per change of one key, each key's in commit order (see api_keys_record_event).
 create table key_events (
-  -- The change's place in the feed: commit order, starting at 1.
+  -- The change's place in the feed, taken as its transaction commits, from 1.
   position bigint primary key,
   tenant_id uuid not null,
   key_id uuid not null,
@@ -81,13 +81,22 @@ create table key_events_retention (
 insert into key_events_retention (singleton) values (true);
 
 -- Records one change as an event. Runs as a deferred trigger, that is while
--- the transaction commits, under a lock that every event-writing commit
--- takes: positions are handed out in commit order, and the lock is released
--- only after the commit is visible. So a reader that sees position n sees
--- every smaller position that committed, and reading "position > cursor"
--- never skips an event whose transaction committed late. Only the commits
--- are serialised, not the transactions: a transaction that stays open holds
--- nothing until it commits.
+-- the transaction commits, so a position is taken at commit, not when the
+-- row changed; a transaction that stays open holds no position.
+--
+-- Before taking its position, the transaction takes a shared lock that it
+-- keeps until it has committed or aborted. Writers do not wait for each
+-- other on it; a reader that finds a position missing below ones it can see
+-- (taken by a commit still under way, or by one that failed) takes the lock
+-- exclusively for a moment, which waits until every position taken so far
+-- is committed or abandoned: what is still missing then never comes. So a
+-- reader never moves its cursor past a position that may still appear
+-- (src/feed/key-feed.ts).
+--
+-- The readers are woken with NOTIFY. PostgreSQL serialises the commits of
+-- transactions that notify, so this service, which writes most changes,
+-- notifies in a statement of its own after its write instead, and the
+-- trigger notifies for every other writer (a console, an operator's SQL).
 create function api_keys_record_event() returns trigger
 language plpgsql as $$
 declare
@@ -96,7 +105,7 @@ declare
   event_reason text;
   event_actor text;
 begin
-  perform pg_advisory_xact_lock(7301944514);
+  perform pg_advisory_xact_lock_shared(7301944514);
   if tg_op = 'DELETE' then
     k := old;
     event_kind := 'deleted';
@@ -132,7 +141,9 @@ begin
   );
   -- A wake-up for the feed's readers; the table is the truth. Notifications
   -- with the same payload in one transaction are delivered once.
-  perform pg_notify('key_events', '');
+  if current_setting('application_name') <> 'keys-driver-service' then
+    perform pg_notify('key_events', '');
+  end if;
   return null;
 end;
 $$;
