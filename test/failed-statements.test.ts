@@ -126,3 +126,32 @@ describe("postgres.js with fetch_types off (porsager/postgres#1219)", () => {
     }
   });
 });
+
+describe("postgres.js when a reserved connection's server goes away (porsager/postgres#1208)", () => {
+  it("fails its statements and its rollback, then the pool serves on", async () => {
+    const db = await createTestDatabase();
+    const sql = createSql({ url: db.url, poolMax: 2, statementTimeoutMs: 5000 });
+    try {
+      const reserved = await sql.reserve();
+      await reserved`begin`;
+      const [row]: [{ pid: number }?] = await reserved`select pg_backend_pid() as pid`;
+      await db.sql`select pg_terminate_backend(${row?.pid ?? 0})`;
+      // Before the fix: a TypeError thrown from a timer, ending the process,
+      // or a rollback that never settles.
+      const code = (err: unknown) => (err as { code?: string }).code;
+      for (let i = 0; i < 20 && code(await reserved`select 1`.catch((e: unknown) => e)) !== "CONNECTION_CLOSED"; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      expect(code(await reserved`select 1`.catch((e: unknown) => e))).to.equal("CONNECTION_CLOSED");
+      expect(code(await reserved`rollback`.catch((e: unknown) => e))).to.equal("CONNECTION_CLOSED");
+      reserved.release();
+      for (let i = 0; i < 4; i++) {
+        const [one]: [{ n: bigint }?] = await sql`select 1::int8 as n`;
+        expect(one?.n).to.equal(1n);
+      }
+    } finally {
+      await sql.end({ timeout: 1 });
+      await db.drop();
+    }
+  });
+});

@@ -6,7 +6,10 @@ import { register } from "node:module";
 register("./postgres-fixes.js", import.meta.url);
 const { default: postgres } = await import("postgres");
 
-if ((globalThis as Record<symbol, unknown>)[Symbol.for("keys-driver-service.postgres-fixes")] !== true) {
+const patched = (globalThis as Record<symbol, Set<string> | undefined>)[
+  Symbol.for("keys-driver-service.postgres-fixes")
+];
+if (!patched?.has("connection.js") || !patched.has("index.js")) {
   throw new Error(
     "postgres.js was loaded without the fix in src/db/postgres-fixes.js " +
       '(was "postgres" imported directly somewhere before src/db/postgres.ts?)',
