@@ -50,6 +50,9 @@ const logToStderr: ErrorLogger = (message, cause) => {
  */
 export function toConnectError(err: unknown, log: ErrorLogger = logToStderr): ConnectError {
   if (err instanceof ConnectError) return err;
+  // The call's signal aborted (the client cancelled, or went away): not a fault.
+  if (err instanceof Error && err.name === "AbortError")
+    return new ConnectError("the call was cancelled", Code.Canceled);
   const code = errorCode(err);
   if (code !== undefined) {
     if (code === "57014")

@@ -5,6 +5,17 @@
 -- as whole seconds plus microseconds: src/db/time.ts.)
 --
 -- extract(epoch ...) is an exact numeric since PostgreSQL 14; null stays null.
+--
+-- A column may hold what a protobuf Timestamp cannot (0001-01-01 to
+-- 9999-12-31): 'infinity', '-infinity', a year after 9999 or before 1,
+-- written by someone else's SQL. Such an instant is given as the nearest
+-- one a Timestamp can carry, so that one odd row cannot fail a read (or the
+-- feed of changes) for everyone: 'infinity' reads as the last microsecond
+-- of 9999, '-infinity' as the first of year 1.
 create function epoch_micros(at timestamptz) returns int8
 language sql stable parallel safe
-return (extract(epoch from at) * 1000000)::int8;
+return (extract(epoch from case
+  when at < timestamptz '0001-01-01 00:00:00+00' then timestamptz '0001-01-01 00:00:00+00'
+  when at > timestamptz '9999-12-31 23:59:59.999999+00' then timestamptz '9999-12-31 23:59:59.999999+00'
+  else at
+end) * 1000000)::int8;
