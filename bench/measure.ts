@@ -175,11 +175,7 @@ export async function measurePgbench(
   url: string,
   calls: readonly { query: string; parameters: readonly unknown[] }[],
 ): Promise<Measured | undefined> {
-  try {
-    execFileSync("pgbench", ["--version"], { stdio: "ignore" });
-  } catch {
-    return undefined;
-  }
+  if (!hasPgbench()) return undefined;
   const statement = calls[0]?.query ?? "";
   const width = calls[0]?.parameters.length ?? 0;
   const columns = Array.from({ length: width }, (_, i) => `p${i + 1}`);
@@ -195,14 +191,24 @@ export async function measurePgbench(
     );
   }
   const pick = width > 0 ? `select ${columns.join(", ")} from bench.pgbench_parameters where n = :i \\gset\n` : "";
-  const dir = await mkdtemp(path.join(os.tmpdir(), "pgbench-"));
-  const script = path.join(dir, "script.sql");
   // One line for pgbench: comments go first, or they would swallow the rest.
   const text = statement
     .replace(/--[^\n]*/g, "")
     .replace(/\s+/g, " ")
     .replace(/\$(\d+)/g, ":p$1");
-  await writeFile(script, `\\set i random(1, ${calls.length})\n${pick}${text};\n`);
+  return await runPgbench(settings, url, `\\set i random(1, ${calls.length})\n${pick}${text};\n`);
+}
+
+/** pgbench running `script` on 10 clients for the run's seconds; `env` adds to its environment. */
+export async function runPgbench(
+  settings: Settings,
+  url: string,
+  script: string,
+  env: Record<string, string> = {},
+): Promise<Measured> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "pgbench-"));
+  const file = path.join(dir, "script.sql");
+  await writeFile(file, script);
   const out = execFileSync(
     "pgbench",
     [
@@ -216,18 +222,18 @@ export async function measurePgbench(
       "-T",
       String(settings.seconds),
       "-f",
-      script,
+      file,
       "-l",
       "--log-prefix",
       path.join(dir, "log"),
       url,
     ],
-    { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] },
+    { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
   );
   const tps = Number(/tps = ([\d.]+)/.exec(out)?.[1]);
   const latencies: number[] = [];
-  for (const file of (await readdir(dir)).filter((f) => f.startsWith("log"))) {
-    for (const line of (await readFile(path.join(dir, file), "utf8")).split("\n")) {
+  for (const name of (await readdir(dir)).filter((f) => f.startsWith("log"))) {
+    for (const line of (await readFile(path.join(dir, name), "utf8")).split("\n")) {
       const us = Number(line.split(" ")[2]);
       if (line && Number.isFinite(us)) latencies.push(us / 1000);
     }
@@ -241,6 +247,16 @@ export async function measurePgbench(
     cpuUsPerCall: Number.NaN,
     errors: {},
   };
+}
+
+/** Whether pgbench is installed. */
+export function hasPgbench(): boolean {
+  try {
+    execFileSync("pgbench", ["--version"], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Median latency of `n` sequential calls of `work`, in ms. */

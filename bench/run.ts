@@ -217,7 +217,7 @@ async function main(): Promise<number> {
     const freezes = all.find((s) => s.name.startsWith("UpdateKeyFrozen"));
     const watch =
       only.some((o) => "WatchKeys".includes(o)) && freezes
-        ? await measureWatch(settings, servers.ours, db.sql, fixtures, freezes)
+        ? await measureWatch(settings, servers.ours, db.sql, db.url, fixtures, freezes)
         : undefined;
     const byId = list.find((s) => s.name === "FetchKeyById");
     const soaked = args.soak && byId ? await soak(servers.ours, byId) : undefined;

@@ -9,7 +9,15 @@ import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { arrayLiteral, type Sql } from "../src/db/client.js";
-import { type Measured, measureServer, median, type ServerProcess, type Settings } from "./measure.js";
+import {
+  hasPgbench,
+  type Measured,
+  measureServer,
+  median,
+  runPgbench,
+  type ServerProcess,
+  type Settings,
+} from "./measure.js";
 import type { Fixtures, Scenario } from "./scenarios.js";
 import type { WatchersPlan, WatchersResult } from "./watchers.js";
 
@@ -29,9 +37,13 @@ export interface WatchResults {
     readonly missing: number;
     readonly changesPerSecond: number;
     readonly deliveriesPerSecond: number;
+    /** Streams ended by the server (fallen behind) and resumed from their cursor. */
+    readonly resumes: number;
   };
   readonly idleStreams: { readonly streams: number; readonly bytesPerStream: number };
   readonly freezeThroughput: { readonly withFeed: Measured; readonly withoutFeed: Measured; readonly ratio: number };
+  /** pgbench, 10 clients, one key change per transaction, in each way of writing it. */
+  readonly writerCost?: readonly { readonly way: string; readonly measured: Measured }[];
 }
 
 const now = () => performance.timeOrigin + performance.now();
@@ -143,6 +155,7 @@ async function fanOut(ours: ServerProcess, sql: Sql, tenantId: string) {
     missing: watchers * perWatcher - result.changes,
     changesPerSecond: result.changes / watchers / seconds,
     deliveriesPerSecond: result.changes / seconds,
+    resumes: result.resumes,
   };
 }
 
@@ -167,6 +180,8 @@ async function idleStreams(ours: ServerProcess, tenants: string[]) {
  * UpdateKeyFrozen/Unfrozen load with the feed (its triggers on, 100 watchers
  * connected, one of them on every tenant, as a gateway) and without it (the
  * event triggers disabled, nobody watching), alternating, 3 rounds each.
+ * The service's wake-up statement after each freeze runs in both: its cost
+ * is measured apart, by writerCost.
  */
 async function freezeThroughput(
   settings: Settings,
@@ -201,11 +216,61 @@ async function freezeThroughput(
   return { withFeed: w, withoutFeed: wo, ratio: w.callsPerSecond / wo.callsPerSecond };
 }
 
+/**
+ * What capturing a change and waking the readers costs a writer, measured
+ * with pgbench on a change of a key's name: without the event trigger; with
+ * it, as this service writes (no NOTIFY in the transaction), then with the
+ * service's wake-up statement after it; and as any other writer (the
+ * trigger's NOTIFY in the transaction, whose commits PostgreSQL serialises).
+ */
+async function writerCost(
+  settings: Settings,
+  sql: Sql,
+  url: string,
+  keys: readonly { tenant_id: string; key_id: string }[],
+) {
+  if (!hasPgbench()) return undefined;
+  await sql`drop table if exists bench.pgbench_keys`;
+  await sql`create table bench.pgbench_keys (n int primary key, tenant_id uuid, key_id uuid)`;
+  for (const [n, k] of keys.entries()) {
+    await sql`insert into bench.pgbench_keys values (${n + 1}, ${k.tenant_id}, ${k.key_id})`;
+  }
+  const pick = `\\set i random(1, ${keys.length})\nselect tenant_id, key_id from bench.pgbench_keys where n = :i \\gset\n`;
+  const change = "update api_keys set name = md5(random()::text) where tenant_id = :tenant_id and id = :key_id;\n";
+  const service = { PGAPPNAME: "keys-driver-service" };
+  const ways = [
+    { way: "no event trigger", script: change, env: service, trigger: false },
+    { way: "event, no NOTIFY", script: change, env: service, trigger: true },
+    {
+      way: "event, then a wake-up statement each (the service coalesces them)",
+      script: `${change}select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '');\n`,
+      env: service,
+      trigger: true,
+    },
+    { way: "event with NOTIFY in the transaction (other writers)", script: change, env: {}, trigger: true },
+  ];
+  const results: { way: string; measured: Measured }[] = [];
+  try {
+    for (const w of ways) {
+      if (!w.trigger) await sql`alter table api_keys disable trigger api_keys_record_update`;
+      try {
+        results.push({ way: w.way, measured: await runPgbench(settings, url, pick + w.script, w.env) });
+      } finally {
+        await sql`alter table api_keys enable trigger api_keys_record_update`;
+      }
+    }
+  } finally {
+    await sql`drop table if exists bench.pgbench_keys`;
+  }
+  return results;
+}
+
 /** Every WatchKeys measurement, against the running service `ours`. */
 export async function measureWatch(
   settings: Settings,
   ours: ServerProcess,
   sql: Sql,
+  url: string,
   fixtures: Fixtures,
   freezes: Scenario,
 ): Promise<WatchResults> {
@@ -221,5 +286,7 @@ export async function measureWatch(
   const idle = await idleStreams(ours, fixtures.tenants);
   console.error("watch: freeze throughput with the feed and without ...");
   const throughput = await freezeThroughput(settings, ours, sql, freezes, fixtures.tenants.slice(1));
-  return { latency, fanOut: fanned, idleStreams: idle, freezeThroughput: throughput };
+  console.error("watch: what capturing and announcing a change costs a writer (pgbench) ...");
+  const cost = await writerCost(settings, sql, url, bigKeys);
+  return { latency, fanOut: fanned, idleStreams: idle, freezeThroughput: throughput, writerCost: cost };
 }

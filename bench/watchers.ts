@@ -5,7 +5,7 @@
 // JSON and exits.
 import { setMaxListeners } from "node:events";
 import readline from "node:readline";
-import { createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 
@@ -25,6 +25,8 @@ export interface WatchersResult {
   /** Arrival of the first and the last change, ms since the epoch. */
   readonly firstAt: number;
   readonly lastAt: number;
+  /** Times a stream was ended by the server and resumed from its cursor. */
+  readonly resumes: number;
 }
 
 const now = () => performance.timeOrigin + performance.now();
@@ -41,24 +43,40 @@ let firstAt = 0;
 let lastAt = 0;
 let ready = 0;
 
+let resumes = 0;
+
+// Each stream consumes as a gateway does (README): it keeps the last cursor
+// and, when the server ends the stream (RESOURCE_EXHAUSTED when it fell
+// behind, UNAVAILABLE), resumes from it.
 const streams = plan.streams.map(async (scope) => {
   let first = true;
-  try {
-    for await (const message of client.watchKeys(scope, { signal: abort.signal })) {
-      if (first) {
-        first = false;
-        if (++ready === plan.streams.length) process.stdout.write("ready\n");
+  let cursor = "";
+  for (;;) {
+    try {
+      for await (const message of client.watchKeys({ ...scope, resumeCursor: cursor }, { signal: abort.signal })) {
+        if (first) {
+          first = false;
+          if (++ready === plan.streams.length) process.stdout.write("ready\n");
+        }
+        cursor = message.cursor;
+        const change = message.change;
+        if (!change?.key) continue;
+        const at = now();
+        changes++;
+        firstAt ||= at;
+        lastAt = at;
+        if (plan.record) receipts.push([change.key.id, change.key.etag.split(".")[0] ?? "", at]);
       }
-      const change = message.change;
-      if (!change?.key) continue;
-      const at = now();
-      changes++;
-      firstAt ||= at;
-      lastAt = at;
-      if (plan.record) receipts.push([change.key.id, change.key.etag.split(".")[0] ?? "", at]);
+      return;
+    } catch (err) {
+      if (abort.signal.aborted) return;
+      const code = err instanceof ConnectError ? err.code : undefined;
+      if (cursor === "" || (code !== Code.ResourceExhausted && code !== Code.Unavailable)) {
+        process.stderr.write(`watcher failed: ${String(err)}\n`);
+        return;
+      }
+      resumes++;
     }
-  } catch (err) {
-    if (!abort.signal.aborted) process.stderr.write(`watcher failed: ${String(err)}\n`);
   }
 });
 
@@ -66,6 +84,7 @@ await iterator.next(); // "stop"
 abort.abort();
 await Promise.all(streams);
 // Exits once the (large) line is written, not before.
-process.stdout.write(`${JSON.stringify({ receipts, changes, firstAt, lastAt } satisfies WatchersResult)}\n`, () =>
-  process.exit(0),
+process.stdout.write(
+  `${JSON.stringify({ receipts, changes, firstAt, lastAt, resumes } satisfies WatchersResult)}\n`,
+  () => process.exit(0),
 );

@@ -64,6 +64,7 @@ function handlersFor(store: Store) {
   const noFeed: KeyFeed = {
     position: 0n,
     subscribers: 0,
+    failing: false,
     subscribe: unexpected,
     readNow: unexpected,
     ready: unexpected,

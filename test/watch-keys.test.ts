@@ -409,6 +409,156 @@ describe("WatchKeys and ListKeyChanges", () => {
       resumed.cancel();
     });
 
+    it("lists in ListKeyChanges only what a stream resuming from its cursor cannot skip", async () => {
+      const tenantId = newTenant();
+      const held = await insertKey(db.sql, { tenantId });
+      const later = await insertKey(db.sql, { tenantId });
+      const slow = await writer.reserve();
+      let newest: JsonObject | undefined;
+      try {
+        await slow`begin`;
+        await slow`set constraints all immediate`;
+        await rename(slow, tenantId, held, "taken first, committed last");
+        await rename(writer, tenantId, later, "committed first");
+        // The later change waits behind the held position: listing it now
+        // would hand out a cursor past a change still to come.
+        const listed = await client.call("ListKeyChanges", { tenantId });
+        newest = (listed.changes as JsonObject[])[0];
+        expect(keyOf(newest).name).to.not.equal("committed first");
+        await slow`commit`;
+      } finally {
+        slow.release();
+      }
+      const resumed = client.open("WatchKeys", { tenantId, resumeCursor: newest?.cursor as string });
+      const names = (await changes(resumed, 2)).map((c) => keyOf(c).name);
+      expect(names).to.deep.equal(["taken first, committed last", "committed first"]);
+      resumed.cancel();
+    });
+
+    it("records a key moved to another tenant as deleted there and created here, and a TRUNCATE as deletions", async () => {
+      const from = newTenant();
+      const to = newTenant();
+      const keyId = await insertKey(db.sql, { tenantId: from });
+      const watchFrom = client.open("WatchKeys", { tenantId: from });
+      const watchTo = client.open("WatchKeys", { tenantId: to });
+      await watchFrom.next();
+      await watchTo.next();
+      await writer`update api_keys set tenant_id = ${to} where tenant_id = ${from} and id = ${keyId}`;
+      const [gone] = await changes(watchFrom, 1);
+      expect(gone?.kind).to.equal("KEY_CHANGE_KIND_DELETED");
+      expect(keyOf(gone).tenantId).to.equal(from);
+      const [appeared] = await changes(watchTo, 1);
+      expect(appeared?.kind).to.equal("KEY_CHANGE_KIND_CREATED");
+      expect(keyOf(appeared).tenantId).to.equal(to);
+      watchFrom.cancel();
+      watchTo.cancel();
+
+      // TRUNCATE, on a database of its own (it empties the whole table).
+      const own = await createTestDatabase();
+      const other = await startTestService(own.url, { watchProgressIntervalMs: 300 });
+      const ownClient = grpcJsCaller(other.address);
+      try {
+        const tenantId = newTenant();
+        const keys = [await insertKey(own.sql, { tenantId }), await insertKey(own.sql, { tenantId })];
+        const stream = ownClient.open("WatchKeys", { tenantId });
+        await stream.next();
+        await own.sql`truncate api_keys cascade`;
+        const deleted = await changes(stream, 2);
+        expect(deleted.map((c) => c.kind)).to.deep.equal(["KEY_CHANGE_KIND_DELETED", "KEY_CHANGE_KIND_DELETED"]);
+        expect(deleted.map((c) => keyOf(c).id).sort()).to.deep.equal([...keys].sort());
+        stream.cancel();
+      } finally {
+        ownClient.close();
+        await other.close(1000);
+        await own.drop();
+      }
+    });
+
+    it("carries a key whose instants a Timestamp cannot hold, without failing the feed for anyone", async () => {
+      const odd = newTenant();
+      const tenantId = newTenant();
+      const keyId = await insertKey(db.sql, { tenantId });
+      const everyone = client.open("WatchKeys", { allTenants: true });
+      const stream = client.open("WatchKeys", { tenantId });
+      await everyone.next();
+      await stream.next();
+      // Written by someone else's SQL: infinity, -infinity, and a year after 9999.
+      const oddKey = await insertKey(db.sql, { tenantId: odd, expiresAt: "infinity", lastUsedAt: "-infinity" });
+      await db.sql`update api_keys set frozen_at = '12000-01-01', is_frozen = true where id = ${oddKey}`;
+      await rename(writer, tenantId, keyId, "after the odd key");
+      const [renamed] = await changes(stream, 1);
+      expect(keyOf(renamed).name).to.equal("after the odd key");
+      const seen = await changes(everyone, 3);
+      const last = keyOf(seen[1]);
+      expect(last.expiresAt).to.equal("9999-12-31T23:59:59.999999Z");
+      expect(last.lastUsedAt).to.equal("0001-01-01T00:00:00Z");
+      expect(last.frozenAt).to.equal("9999-12-31T23:59:59.999999Z");
+      everyone.cancel();
+      stream.cancel();
+      // And every read of that tenant answers.
+      const initial = client.open("WatchKeys", { tenantId: odd, sendInitialState: true });
+      const current = (await initial.next())?.current as JsonObject | undefined;
+      expect(current?.expiresAt).to.equal("9999-12-31T23:59:59.999999Z");
+      initial.cancel();
+      const listed = await client.call("ListKeyChanges", { tenantId: odd });
+      expect(listed.changes as JsonObject[]).to.have.length(2);
+      const page = await client.call("FetchKeys", { tenantId: odd });
+      expect((page.keys as JsonObject[])[0]?.expiresAt).to.equal("9999-12-31T23:59:59.999999Z");
+    });
+
+    it("ends a stream whose initial state loses its database connection with UNAVAILABLE, and serves on", async () => {
+      const tenantId = newTenant();
+      await db.sql`
+        insert into api_keys (tenant_id, id, name, key_prefix, key_hash)
+        select ${tenantId}, gen_random_uuid(), 'k' || n, 'sk_' || n, '\\x00'
+        from generate_series(1, 3000) as n
+      `;
+      const stream = client.open("WatchKeys", { tenantId, sendInitialState: true });
+      await stream.next();
+      await db.sql`
+        select pg_terminate_backend(pid) from pg_stat_activity
+        where application_name = 'keys-driver-service' and state = 'idle in transaction'
+          and datname = current_database()
+      `;
+      const err = await failure(
+        (async () => {
+          for (;;) if ((await stream.next()) === undefined) return;
+        })(),
+      );
+      expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
+      const again = await client.call("CountKeys", { tenantId });
+      expect(again.count).to.equal("3000");
+    });
+
+    it("ends streams with UNAVAILABLE, not progress markers, while the feed cannot read the table", async () => {
+      const own = await createTestDatabase();
+      const other = await startTestService(own.url, { watchProgressIntervalMs: 200, watchPollIntervalMs: 100 });
+      const ownClient = grpcJsCaller(other.address);
+      try {
+        const tenantId = newTenant();
+        const keyId = await insertKey(own.sql, { tenantId });
+        const stream = ownClient.open("WatchKeys", { tenantId });
+        const start = ((await stream.next()) as JsonObject).cursor as string;
+        await own.sql`alter table key_events rename to key_events_away`;
+        await own.sql`update api_keys set name = 'while away' where id = ${keyId}`.catch(() => {});
+        const err = await failure(
+          (async () => {
+            for (;;) if ((await stream.next()) === undefined) return;
+          })(),
+        );
+        expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
+        await own.sql`alter table key_events_away rename to key_events`;
+        await own.sql`update api_keys set name = 'back' where id = ${keyId}`;
+        const resumed = ownClient.open("WatchKeys", { tenantId, resumeCursor: start });
+        expect(keyOf((await changes(resumed, 1))[0]).name).to.equal("back");
+        resumed.cancel();
+      } finally {
+        ownClient.close();
+        await other.close(1000);
+        await own.drop();
+      }
+    });
+
     it("gives 20 watchers every one of 8 writers x 500 changes exactly once, in order", async function () {
       this.timeout(120_000);
       const tenantId = newTenant();
@@ -546,6 +696,28 @@ describe("WatchKeys and ListKeyChanges", () => {
       const other = await startTestService(db.url, { watchProgressIntervalMs: 300 });
       const client = grpcJsCaller(other.address);
       const stream = client.open("WatchKeys", { tenantId: newTenant() });
+      await stream.next();
+      const closing = other.close(5000);
+      const err = await failure(
+        (async () => {
+          for (;;) if ((await stream.next()) === undefined) return;
+        })(),
+      );
+      expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
+      await closing;
+      client.close();
+    });
+
+    it("ends a stream still sending its initial state with UNAVAILABLE", async () => {
+      const other = await startTestService(db.url, { watchProgressIntervalMs: 300 });
+      const client = grpcJsCaller(other.address);
+      const tenantId = newTenant();
+      await db.sql`
+        insert into api_keys (tenant_id, id, name, key_prefix, key_hash)
+        select ${tenantId}, gen_random_uuid(), 'k' || n, 'sk_' || n, '\\x00'
+        from generate_series(1, 3000) as n
+      `;
+      const stream = client.open("WatchKeys", { tenantId, sendInitialState: true });
       await stream.next();
       const closing = other.close(5000);
       const err = await failure(

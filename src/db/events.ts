@@ -228,7 +228,7 @@ export async function fetchEventsBetween(
  * takes), so every change up to the head is in it and none after. It is held (a
  * repeatable read transaction on a connection of its own) only while the
  * caller keeps reading, and for at most a minute of the caller's idling
- * between batches.
+ * between batches; each batch is bound by the statement timeout.
  */
 export async function* fetchKeysAtSnapshot(
   sql: Sql,
@@ -261,20 +261,31 @@ export async function* fetchKeysAtSnapshot(
     locked = false;
     const head = row?.head ?? 0n;
     yield { head };
-    const keys = scope.allTenants
-      ? tx<KeyRow[]>`
+    // A cursor of the transaction's own, read with FETCH: each batch is a
+    // statement of its own (the statement timeout applies per batch, not to
+    // the whole walk), and nothing of the driver's stays suspended between
+    // batches while the caller reads.
+    await (scope.allTenants
+      ? tx`
+          declare snapshot_keys no scroll cursor for
           select ${keyColumns(tx)}
           /* spans tenants: watching every tenant */ from api_keys
           order by tenant_id, id
         `
-      : tx<KeyRow[]>`
+      : tx`
+          declare snapshot_keys no scroll cursor for
           select ${keyColumns(tx)}
           from api_keys
           where tenant_id = ${scope.tenantId}
             ${scope.keyIds.length > 0 ? tx`and id = any(${arrayLiteral(scope.keyIds)}::uuid[])` : tx``}
           order by created_at desc, id desc
-        `;
-    for await (const batch of keys.cursor(batchSize)) yield { keys: batch };
+        `);
+    const fetch = `fetch forward ${Math.max(1, Math.trunc(batchSize))} from snapshot_keys`;
+    for (;;) {
+      const batch = await tx.unsafe<KeyRow[]>(fetch);
+      if (batch.length === 0) break;
+      yield { keys: [...batch] };
+    }
     await tx`commit`;
     open = false;
   } finally {
@@ -284,17 +295,21 @@ export async function* fetchKeysAtSnapshot(
   }
 }
 
-/** A tenant's key changes (optionally one key's), newest first, before `before` when given. */
+/**
+ * A tenant's key changes (optionally one key's), newest first, up to `upTo`
+ * (a position the feed has read through), before `before` when given.
+ */
 export async function listKeyChanges(
   sql: Sql,
   tenantId: string,
-  options: { readonly keyId?: string; readonly before?: bigint; readonly limit: number },
+  options: { readonly keyId?: string; readonly before?: bigint; readonly upTo: bigint; readonly limit: number },
 ): Promise<EventRow[]> {
   const rows = await sql<FlatEventRow[]>`
     select ${eventColumns(sql)}
     from key_events
     where tenant_id = ${tenantId}
       ${options.keyId === undefined ? sql`` : sql`and key_id = ${options.keyId}`}
+      and position <= ${options.upTo}
       ${options.before === undefined ? sql`` : sql`and position < ${options.before}`}
     order by position desc
     limit ${options.limit}

@@ -121,16 +121,41 @@ export async function countKeys(sql: Sql, tenantId: string): Promise<bigint> {
   return row?.count ?? 0n;
 }
 
+/** Per pool: whether a wake-up is being sent, and whether another is owed after it. */
+const wakeUps = new WeakMap<Sql, { sending: boolean; owed: boolean }>();
+
 /**
  * Wakes the feed's readers in every process (LISTEN key_events) after a
- * change this service committed. In a statement of its own: PostgreSQL
- * serialises the commits of transactions that notify, and the change's own
- * commit should not wait on others' (migration 0004).
+ * change this service committed, without making the caller wait.
+ *
+ * In a statement of its own: PostgreSQL serialises the commits of
+ * transactions that notify, and the change's own commit should not wait on
+ * others' (migration 0004). Coalesced: while one wake-up is being sent, the
+ * changes committed meanwhile owe one more, sent after it, so a burst of
+ * freezes makes two notifications rather than one each, and every change is
+ * followed by a notification sent after its commit. The wake-up's own commit
+ * need not be durable (synchronous_commit off): a lost one is made good by
+ * the feed's slow poll, as is a failed one.
  */
-async function wakeFeedReaders(sql: Sql): Promise<void> {
-  // The change has committed: a lost wake-up must not fail the call, and the
-  // feed's slow poll delivers the change anyway.
-  await sql`select pg_notify('key_events', '')`.catch(() => {});
+function wakeFeedReaders(sql: Sql): void {
+  let state = wakeUps.get(sql);
+  if (state === undefined) {
+    state = { sending: false, owed: false };
+    wakeUps.set(sql, state);
+  }
+  if (state.sending) {
+    state.owed = true;
+    return;
+  }
+  state.sending = true;
+  const wake = state;
+  void (async () => {
+    do {
+      wake.owed = false;
+      await sql`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`.catch(() => {});
+    } while (wake.owed);
+    wake.sending = false;
+  })();
 }
 
 // One statement decides and writes, so a freeze racing an unfreeze cannot
@@ -177,7 +202,7 @@ async function applyFreeze(sql: Sql, change: FreezeChange, set: ReturnType<Sql>)
   const { found: _found, locked_version, ...key } = row;
   const keyRow = key as KeyRow;
   const changed = keyRow.version !== locked_version;
-  if (changed) await wakeFeedReaders(sql);
+  if (changed) wakeFeedReaders(sql);
   return { kind: "done", key: keyRow, changed };
 }
 

@@ -14,6 +14,8 @@ export interface KeyFeed {
   readonly position: bigint;
   /** Streams subscribed now. */
   readonly subscribers: number;
+  /** True while the feed's last read of the table failed (it keeps retrying). */
+  readonly failing: boolean;
   /** Reads what has committed by now; resolves with the position read through. */
   readNow(): Promise<bigint>;
   /** Resolves once the feed has read the table once; UNAVAILABLE if it cannot. */
@@ -48,6 +50,8 @@ export interface Subscription {
    * subscription's failure, or when `signal` aborts.
    */
   next(signal: AbortSignal, waitMs: number): Promise<Delivery | undefined>;
+  /** Throws the subscription's failure, if it has failed (shutdown, fallen behind). */
+  throwIfFailed(): void;
   close(): void;
 }
 
@@ -132,6 +136,10 @@ class QueuedSubscription implements Subscription {
     const events = this.queue;
     this.queue = [];
     return { events, through: this.through };
+  }
+
+  throwIfFailed(): void {
+    if (this.failure) throw this.failure;
   }
 
   close(): void {
@@ -242,6 +250,9 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
     },
     get subscribers() {
       return subscribers.size;
+    },
+    get failing() {
+      return failing;
     },
     subscribe(scope, maxQueued) {
       if (position === undefined) {

@@ -147,7 +147,11 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       const keyId = req.keyId === "" ? undefined : requireUuid("key_id", req.keyId);
       const pageSize = pageSizeOf(req.pageSize);
       const before = req.pageToken === "" ? undefined : positions.positionOfPageToken(tenantId, keyId, req.pageToken);
-      const rows = await store.listKeyChanges(tenantId, { keyId, before, limit: pageSize + 1 });
+      // Only what the feed has read through: a change listed here is one a
+      // stream resuming from its cursor has passed, never one before a
+      // position still being committed.
+      const upTo = await deps.feed.readNow();
+      const rows = await store.listKeyChanges(tenantId, { keyId, before, upTo, limit: pageSize + 1 });
       const page = rows.slice(0, pageSize);
       const last = page.at(-1);
       const scope = { allTenants: false, tenantId, keyIds: [] } as const;

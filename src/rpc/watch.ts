@@ -153,6 +153,7 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
         const release = await initialStateSlots.take(context.signal);
         try {
           for await (const part of store.fetchKeysAtSnapshot(scope)) {
+            subscription.throwIfFailed();
             if ("head" in part) through = part.head;
             else for (const key of part.keys) yield response({ current: keySnapshot(key) }, through);
           }
@@ -177,6 +178,7 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
         through = resumeFrom;
         const upTo = feed.position;
         for (let complete = false; !complete; ) {
+          subscription.throwIfFailed();
           const read = await store.fetchEventsBetween(through, upTo, scope, catchUpBatch);
           for (const event of read.events) yield change(event);
           through = read.through;
@@ -192,6 +194,15 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
       for (;;) {
         const delivery = await subscription.next(context.signal, settings.progressIntervalMs);
         if (delivery === undefined) {
+          // A progress marker says "nothing has changed": not while the feed
+          // cannot read the table. Reconnecting finds a healthy replica, or
+          // fails visibly.
+          if (feed.failing) {
+            throw new ConnectError(
+              "the feed of key changes cannot read the database; reconnect with the last cursor",
+              Code.Unavailable,
+            );
+          }
           through = laterPosition(through, subscription.through);
           yield response({ marker: WatchMarker.PROGRESS }, through);
           continue;

@@ -97,34 +97,11 @@ insert into key_events_retention (singleton) values (true);
 -- transactions that notify, so this service, which writes most changes,
 -- notifies in a statement of its own after its write instead, and the
 -- trigger notifies for every other writer (a console, an operator's SQL).
-create function api_keys_record_event() returns trigger
+create function key_events_record(k api_keys, event_kind text, event_reason text, event_actor text)
+returns void
 language plpgsql as $$
-declare
-  k api_keys;
-  event_kind text;
-  event_reason text;
-  event_actor text;
 begin
   perform pg_advisory_xact_lock_shared(7301944514);
-  if tg_op = 'DELETE' then
-    k := old;
-    event_kind := 'deleted';
-  else
-    k := new;
-    if tg_op = 'INSERT' then
-      event_kind := 'created';
-    elsif new.is_frozen and not old.is_frozen then
-      event_kind := 'frozen';
-      event_reason := new.freeze_reason;
-      event_actor := new.freeze_actor;
-    elsif old.is_frozen and not new.is_frozen then
-      event_kind := 'unfrozen';
-      event_reason := new.unfreeze_reason;
-      event_actor := new.unfreeze_actor;
-    else
-      event_kind := 'updated';
-    end if;
-  end if;
   insert into key_events (
     position, tenant_id, key_id, kind, changed_at, reason, actor, db_role, application,
     name, key_prefix, status, is_frozen, frozen_at, freeze_reason, freeze_actor,
@@ -144,9 +121,50 @@ begin
   if current_setting('application_name') <> 'keys-driver-service' then
     perform pg_notify('key_events', '');
   end if;
+end;
+$$;
+
+create function api_keys_record_event() returns trigger
+language plpgsql as $$
+begin
+  if tg_op = 'DELETE' then
+    perform key_events_record(old, 'deleted', null, null);
+  elsif tg_op = 'INSERT' then
+    perform key_events_record(new, 'created', null, null);
+  elsif (new.tenant_id, new.id) is distinct from (old.tenant_id, old.id) then
+    -- Moved to another tenant or given another id: for watchers, the old
+    -- key is gone and a new one has appeared.
+    perform key_events_record(old, 'deleted', null, null);
+    perform key_events_record(new, 'created', null, null);
+  elsif new.is_frozen and not old.is_frozen then
+    perform key_events_record(new, 'frozen', new.freeze_reason, new.freeze_actor);
+  elsif old.is_frozen and not new.is_frozen then
+    perform key_events_record(new, 'unfrozen', new.unfreeze_reason, new.unfreeze_actor);
+  else
+    perform key_events_record(new, 'updated', null, null);
+  end if;
   return null;
 end;
 $$;
+
+-- TRUNCATE deletes every key without row triggers: each is recorded as
+-- deleted first. Not deferred (no such trigger for TRUNCATE), so the
+-- positions are taken now and held until the transaction ends.
+create function api_keys_record_truncate() returns trigger
+language plpgsql as $$
+declare
+  k api_keys;
+begin
+  for k in select * from api_keys loop
+    perform key_events_record(k, 'deleted', null, null);
+  end loop;
+  return null;
+end;
+$$;
+
+create trigger api_keys_record_truncate
+  before truncate on api_keys
+  for each statement execute function api_keys_record_truncate();
 
 create constraint trigger api_keys_record_insert
   after insert on api_keys
