@@ -190,7 +190,7 @@ export async function report(r: Results, outDir: string): Promise<boolean> {
       `  freeze-to-event latency, ${latency.watchers} watchers in another process, ${latency.freezes} freezes at 50/s: p50 ${fmt(latency.p50Ms)} ms, p99 ${fmt(latency.p99Ms)} ms, max ${fmt(latency.maxMs)} ms, ${latency.missing} deliveries missing`,
       `  fan-out: ${fanOut.changes} changes to ${fanOut.watchers} all-tenant watchers: ${fmt(fanOut.changesPerSecond, 0)} changes/s, ${fmt(fanOut.deliveriesPerSecond, 0)} deliveries/s, ${fanOut.missing} missing, ${fanOut.resumes} resumes`,
       `  memory: ${idleStreams.streams} idle streams, ${fmt(idleStreams.bytesPerStream / 1024, 1)} KiB each (service RSS)`,
-      `  UpdateKeyFrozen/Unfrozen: ${fmt(freezeThroughput.withFeed.callsPerSecond, 0)} calls/s with the feed (100 watchers), ${fmt(freezeThroughput.withoutFeed.callsPerSecond, 0)} without (${fmt(freezeThroughput.ratio)}x); p99 ${fmt(freezeThroughput.withFeed.p99Ms)} vs ${fmt(freezeThroughput.withoutFeed.p99Ms)} ms`,
+      `  UpdateKeyFrozen/Unfrozen: ${fmt(freezeThroughput.withFeed.callsPerSecond, 0)} calls/s with the feed (100 watchers), ${fmt(freezeThroughput.withoutFeed.callsPerSecond, 0)} without (${fmt(freezeThroughput.ratio)}x); p99 ${fmt(freezeThroughput.withFeed.p99Ms)} vs ${fmt(freezeThroughput.withoutFeed.p99Ms)} ms; events captured but nobody watching: ${fmt(freezeThroughput.capturedOnly.callsPerSecond, 0)} calls/s`,
     );
     if (r.watch.writerCost) {
       lines.push("  a key change by a writer (pgbench, 10 clients):");

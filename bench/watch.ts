@@ -41,7 +41,13 @@ export interface WatchResults {
     readonly resumes: number;
   };
   readonly idleStreams: { readonly streams: number; readonly bytesPerStream: number };
-  readonly freezeThroughput: { readonly withFeed: Measured; readonly withoutFeed: Measured; readonly ratio: number };
+  readonly freezeThroughput: {
+    readonly withFeed: Measured;
+    readonly withoutFeed: Measured;
+    /** Events captured (triggers on), nobody watching: the database's share of the cost. */
+    readonly capturedOnly: Measured;
+    readonly ratio: number;
+  };
   /** pgbench, 10 clients, one key change per transaction, in each way of writing it. */
   readonly writerCost?: readonly { readonly way: string; readonly measured: Measured }[];
 }
@@ -58,6 +64,17 @@ async function openWatchers(plan: WatchersPlan) {
   const ready = await lines.next();
   if (ready.value !== "ready") throw new Error(`watchers did not start: ${String(ready.value)}`);
   return {
+    /** Resolves when the watchers say every expected change has arrived, or after `ms`. */
+    async allArrived(ms: number): Promise<void> {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        lines.next(),
+        new Promise((resolve) => {
+          timer = setTimeout(resolve, ms);
+        }),
+      ]);
+      clearTimeout(timer);
+    },
     async stop(): Promise<WatchersResult> {
       child.stdin.end("stop\n");
       const result = await lines.next();
@@ -130,23 +147,23 @@ async function freezeToEventLatency(
 /** 10 all-tenant watchers; 20,000 changes committed in large batches; how fast they reach the watchers. */
 async function fanOut(ours: ServerProcess, sql: Sql, tenantId: string) {
   const watchers = 10;
+  const changes = 20_000;
+  const keys = await sql<{ id: string }[]>`select id from api_keys where tenant_id = ${tenantId} limit 2000`;
+  const perWatcher = Math.ceil(changes / keys.length) * keys.length;
   const open = await openWatchers({
     address: ours.address,
     streams: Array.from({ length: watchers }, () => ({ allTenants: true as const })),
     record: false,
+    expectChanges: watchers * perWatcher,
   });
-  const changes = 20_000;
-  const keys = await sql<{ id: string }[]>`select id from api_keys where tenant_id = ${tenantId} limit 2000`;
   for (let done = 0; done < changes; done += keys.length) {
     await sql`
       update api_keys set name = 'fan-out ' || ${done}::text
       where tenant_id = ${tenantId} and id = any(${arrayLiteral(keys.map((k) => k.id))}::uuid[])
     `;
   }
-  const perWatcher = Math.ceil(changes / keys.length) * keys.length;
-  // Long enough for every change to arrive; the rate is taken from the first
-  // and the last arrival, not from this wait.
-  await new Promise((r) => setTimeout(r, 10_000));
+  // The rate is taken from the first and the last arrival, not from this wait.
+  await open.allArrived(120_000);
   const result = await open.stop();
   const seconds = (result.lastAt - result.firstAt) / 1000;
   return {
@@ -178,8 +195,9 @@ async function idleStreams(ours: ServerProcess, tenants: string[]) {
 
 /**
  * UpdateKeyFrozen/Unfrozen load with the feed (its triggers on, 100 watchers
- * connected, one of them on every tenant, as a gateway) and without it (the
- * event triggers disabled, nobody watching), alternating, 3 rounds each.
+ * connected, one of them on every tenant, as a gateway), with the events
+ * captured but nobody watching, and without the feed (the event triggers
+ * disabled, nobody watching), alternating, 3 rounds each.
  * The service's wake-up statement after each freeze runs in both: its cost
  * is measured apart, by writerCost.
  */
@@ -192,6 +210,7 @@ async function freezeThroughput(
 ) {
   const withFeed: Measured[] = [];
   const withoutFeed: Measured[] = [];
+  const capturedOnly: Measured[] = [];
   for (let round = 0; round < 3; round++) {
     await sql`alter table api_keys enable trigger api_keys_record_update`;
     const open = await openWatchers({
@@ -204,6 +223,7 @@ async function freezeThroughput(
     });
     withFeed.push((await measureServer(settings, ours, freezes.calls)).measured);
     await open.stop();
+    capturedOnly.push((await measureServer(settings, ours, freezes.calls)).measured);
     await sql`alter table api_keys disable trigger api_keys_record_update`;
     try {
       withoutFeed.push((await measureServer(settings, ours, freezes.calls)).measured);
@@ -213,7 +233,12 @@ async function freezeThroughput(
   }
   const w = median(withFeed);
   const wo = median(withoutFeed);
-  return { withFeed: w, withoutFeed: wo, ratio: w.callsPerSecond / wo.callsPerSecond };
+  return {
+    withFeed: w,
+    withoutFeed: wo,
+    capturedOnly: median(capturedOnly),
+    ratio: w.callsPerSecond / wo.callsPerSecond,
+  };
 }
 
 /**
@@ -278,12 +303,14 @@ export async function measureWatch(
   const bigKeys = await sql<{ tenant_id: string; key_id: string }[]>`
     select tenant_id::text, id::text as key_id from api_keys where tenant_id = ${bigTenant} limit 200
   `;
+  // Memory first, while the process has not yet grown and shrunk with the
+  // other runs' bursts (its resident size would then fall as it opens streams).
+  console.error("watch: memory per idle stream, 1,000 streams ...");
+  const idle = await idleStreams(ours, fixtures.tenants);
   console.error("watch: freeze-to-event latency, 100 watchers ...");
   const latency = await freezeToEventLatency(ours, sql, bigKeys, settings.seconds);
   console.error("watch: changes fanned out per second ...");
   const fanned = await fanOut(ours, sql, fixtures.bigTenants[1] ?? bigTenant);
-  console.error("watch: memory per idle stream, 1,000 streams ...");
-  const idle = await idleStreams(ours, fixtures.tenants);
   console.error("watch: freeze throughput with the feed and without ...");
   const throughput = await freezeThroughput(settings, ours, sql, freezes, fixtures.tenants.slice(1));
   console.error("watch: what capturing and announcing a change costs a writer (pgbench) ...");

@@ -15,6 +15,8 @@ export interface WatchersPlan {
   readonly streams: readonly ({ readonly tenantId: string } | { readonly allTenants: true })[];
   /** Keep every receipt (latency runs) or only count them (throughput and memory runs). */
   readonly record: boolean;
+  /** When this many changes have arrived in all, say "all" (fan-out runs). */
+  readonly expectChanges?: number;
 }
 
 /** What the watchers saw. */
@@ -63,6 +65,7 @@ const streams = plan.streams.map(async (scope) => {
         if (!change?.key) continue;
         const at = now();
         changes++;
+        if (changes === plan.expectChanges) process.stdout.write("all\n");
         firstAt ||= at;
         lastAt = at;
         if (plan.record) receipts.push([change.key.id, change.key.etag.split(".")[0] ?? "", at]);
