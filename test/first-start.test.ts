@@ -1,5 +1,5 @@
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import fs from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
@@ -58,6 +58,20 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** Processes running initdb, by pid (Linux). */
+function runningInitdbs(): number[] {
+  const pids: number[] = [];
+  for (const name of existsSync("/proc") ? readdirSync("/proc") : []) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      if (/initdb$/.test(readFileSync(`/proc/${name}/cmdline`, "utf8").split("\0")[0] ?? "")) pids.push(Number(name));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pids;
 }
 
 async function eventually(check: () => boolean, ms = 10_000): Promise<void> {
@@ -250,9 +264,11 @@ describe("the first start on the embedded PostgreSQL", function () {
     await eventually(() => existsSync(path.join(folder, "data", "pgdata.init")), 60_000);
     first.child.kill("SIGKILL");
     await first.exited;
+    // The interrupted initdb may still be running: the next start stops it.
     const second = startMain(env);
     running.push(second.child);
     expect(await countKeys(await second.listening)).to.deep.equal({ count: "6" });
+    expect(runningInitdbs(), "an initdb left running").to.deep.equal([]);
     second.child.kill("SIGTERM");
     expect(await second.exited).to.equal(0);
   });

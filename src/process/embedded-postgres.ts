@@ -442,6 +442,31 @@ async function writeOwnedFile(file: string, text: string, user: RunAs | undefine
 }
 
 /**
+ * An initdb that a killed start left running on `staging` (it runs in a
+ * process group of its own, see initialise): stopped with its children, so
+ * that it does not write into the folder while this start removes it. Found
+ * by its command line, where the system tells (Linux).
+ */
+async function stopInterruptedInitdb(staging: string): Promise<void> {
+  let pids: string[];
+  try {
+    pids = (await fs.readdir("/proc")).filter((name) => /^\d+$/.test(name));
+  } catch {
+    return;
+  }
+  for (const pid of pids.map(Number)) {
+    const command = commandLine(pid);
+    if (!command || !/initdb$/.test(command[0] ?? "") || !command.includes(`--pgdata=${staging}`)) continue;
+    try {
+      process.kill(-pid, "SIGKILL"); // the group: initdb and the postgres it runs
+    } catch {
+      continue;
+    }
+    await waitForExit(pid, 5_000);
+  }
+}
+
+/**
  * Creates `layout.pgdata` with a generated superuser password: initdb into a
  * sibling folder, the password written, then the folder renamed into place,
  * so that a start killed half-way leaves nothing the next start mistakes for
@@ -457,7 +482,9 @@ async function initialise(
   const staging = `${layout.pgdata}.init`;
   const pwFile = path.join(folder, "password.init");
   const password = randomBytes(24).toString("base64url");
-  await fs.rm(staging, { recursive: true, force: true });
+  await stopInterruptedInitdb(staging);
+  // Retried: a killed initdb's last child may still be closing its files.
+  await fs.rm(staging, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
   await writeOwnedFile(pwFile, `${password}\n`, user);
   try {
     const initdb = spawn(
