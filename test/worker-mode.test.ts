@@ -138,12 +138,23 @@ describe("worker mode when workers die", () => {
       }
       const delays = () => [...primary.output().matchAll(/starting another in (\d+) s/g)].map((m) => Number(m[1]));
       for (let killed = 0; killed < 3; killed++) {
-        const workers = execFileSync("ps", ["-o", "pid=", "--ppid", String(primary.child.pid)], { encoding: "utf8" })
+        // The primary's node children: its workers (not, say, the esbuild
+        // service that tsx may have started).
+        const workers = execFileSync("ps", ["-o", "pid=,comm=", "--ppid", String(primary.child.pid)], {
+          encoding: "utf8",
+        })
           .trim()
-          .split(/\s+/)
-          .map(Number);
+          .split("\n")
+          .map((line) => line.trim().split(/\s+/))
+          .filter(([, command]) => command === "node")
+          .map(([pid]) => Number(pid));
+        expect(workers, primary.output()).to.not.be.empty;
         process.kill(workers[0] as number, "SIGKILL");
-        while (delays().length <= killed) await new Promise((r) => setTimeout(r, 50));
+        const waitUntil = Date.now() + 10_000;
+        while (delays().length <= killed) {
+          if (Date.now() > waitUntil) throw new Error(`no replacement announced:\n${primary.output()}`);
+          await new Promise((r) => setTimeout(r, 50));
+        }
         // Wait for its replacement before killing again.
         await new Promise((r) => setTimeout(r, (delays()[killed] ?? 0) * 1000 + 1500));
       }
