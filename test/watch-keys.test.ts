@@ -17,7 +17,7 @@ import {
   RpcError,
 } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
-import { insertKey, newTenant } from "./support/fixtures.js";
+import { insertKey, insertKeysAt, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
 
 // WatchKeys and ListKeyChanges against the real service and PostgreSQL,
@@ -47,6 +47,11 @@ async function quiet(stream: OpenStream, ms: number): Promise<void> {
     if (message === undefined) return;
     expect(message.change, "an unexpected change").to.equal(undefined);
   }
+}
+
+/** Reads `stream` to its end: rejects with the status it ended with. */
+async function drained(stream: OpenStream): Promise<void> {
+  for (;;) if ((await stream.next()) === undefined) return;
 }
 
 /** The key a change carries. */
@@ -508,11 +513,7 @@ describe("WatchKeys and ListKeyChanges", () => {
 
     it("ends a stream whose initial state loses its database connection with UNAVAILABLE, and serves on", async () => {
       const tenantId = newTenant();
-      await db.sql`
-        insert into api_keys (tenant_id, id, name, key_prefix, key_hash)
-        select ${tenantId}, gen_random_uuid(), 'k' || n, 'sk_' || n, '\\x00'
-        from generate_series(1, 3000) as n
-      `;
+      await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 3000);
       const stream = client.open("WatchKeys", { tenantId, sendInitialState: true });
       await stream.next();
       await db.sql`
@@ -520,11 +521,7 @@ describe("WatchKeys and ListKeyChanges", () => {
         where application_name = 'keys-driver-service' and state = 'idle in transaction'
           and datname = current_database()
       `;
-      const err = await failure(
-        (async () => {
-          for (;;) if ((await stream.next()) === undefined) return;
-        })(),
-      );
+      const err = await failure(drained(stream));
       expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
       const again = await client.call("CountKeys", { tenantId });
       expect(again.count).to.equal("3000");
@@ -541,11 +538,7 @@ describe("WatchKeys and ListKeyChanges", () => {
         const start = ((await stream.next()) as JsonObject).cursor as string;
         await own.sql`alter table key_events rename to key_events_away`;
         await own.sql`update api_keys set name = 'while away' where id = ${keyId}`.catch(() => {});
-        const err = await failure(
-          (async () => {
-            for (;;) if ((await stream.next()) === undefined) return;
-          })(),
-        );
+        const err = await failure(drained(stream));
         expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
         await own.sql`alter table key_events_away rename to key_events`;
         await own.sql`update api_keys set name = 'back' where id = ${keyId}`;
@@ -698,11 +691,7 @@ describe("WatchKeys and ListKeyChanges", () => {
       const stream = client.open("WatchKeys", { tenantId: newTenant() });
       await stream.next();
       const closing = other.close(5000);
-      const err = await failure(
-        (async () => {
-          for (;;) if ((await stream.next()) === undefined) return;
-        })(),
-      );
+      const err = await failure(drained(stream));
       expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
       await closing;
       client.close();
@@ -712,19 +701,11 @@ describe("WatchKeys and ListKeyChanges", () => {
       const other = await startTestService(db.url, { watchProgressIntervalMs: 300 });
       const client = grpcJsCaller(other.address);
       const tenantId = newTenant();
-      await db.sql`
-        insert into api_keys (tenant_id, id, name, key_prefix, key_hash)
-        select ${tenantId}, gen_random_uuid(), 'k' || n, 'sk_' || n, '\\x00'
-        from generate_series(1, 3000) as n
-      `;
+      await insertKeysAt(db.sql, tenantId, "2026-01-01 00:00:00+00", 3000);
       const stream = client.open("WatchKeys", { tenantId, sendInitialState: true });
       await stream.next();
       const closing = other.close(5000);
-      const err = await failure(
-        (async () => {
-          for (;;) if ((await stream.next()) === undefined) return;
-        })(),
-      );
+      const err = await failure(drained(stream));
       expect(err.code, err.rawMessage).to.equal(Code.Unavailable);
       await closing;
       client.close();

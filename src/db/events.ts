@@ -111,11 +111,20 @@ export function isLockTimeout(err: unknown): boolean {
   return typeof err === "object" && err !== null && (err as { code?: unknown }).code === "55P03";
 }
 
+/**
+ * Takes the position lock exclusively for the rest of `tx`: it waits until
+ * every position taken so far is committed or abandoned, for at most
+ * positionLockTimeout (then fails, see isLockTimeout).
+ */
+async function lockPositions(tx: Sql): Promise<void> {
+  await tx`select set_config('lock_timeout', ${positionLockTimeout}, true)`;
+  await tx`select pg_advisory_xact_lock(${positionLockKey.toString()}::int8)`;
+}
+
 /** The feed's newest position, at a moment when no position is being taken. */
 export async function settledHead(sql: Sql): Promise<bigint> {
   return await sql.begin(async (tx) => {
-    await tx`select set_config('lock_timeout', ${positionLockTimeout}, true)`;
-    await tx`select pg_advisory_xact_lock(${positionLockKey.toString()}::int8)`;
+    await lockPositions(tx as unknown as Sql);
     const [row]: [{ head: bigint }?] = await tx`
       select coalesce(max(position), 0) as head
       /* spans tenants: the head */ from key_events
@@ -158,8 +167,7 @@ export async function readFeed(sql: Sql, position: bigint, limit: number, settle
   const settled = async () => {
     try {
       return await sql.begin(async (tx) => {
-        await tx`select set_config('lock_timeout', ${positionLockTimeout}, true)`;
-        await tx`select pg_advisory_xact_lock(${positionLockKey.toString()}::int8)`;
+        await lockPositions(tx as unknown as Sql);
         return await read(tx as unknown as Sql);
       });
     } catch (err) {
