@@ -187,10 +187,10 @@ export async function report(r: Results, outDir: string): Promise<boolean> {
     const { latency, fanOut, idleStreams, freezeThroughput } = r.watch;
     lines.push(
       "\nWatchKeys:",
-      `  freeze-to-event latency, ${latency.watchers} watchers in another process, ${latency.freezes} freezes at 50/s: p50 ${fmt(latency.p50Ms)} ms, p99 ${fmt(latency.p99Ms)} ms, max ${fmt(latency.maxMs)} ms, ${latency.missing} deliveries missing`,
+      `  freeze-to-event latency, ${latency.watchers} watchers in another process, ${latency.freezes} freezes at 50/s: p50 ${fmt(latency.p50Ms)} ms, p99 ${fmt(latency.p99Ms)} ms, max ${fmt(latency.maxMs)} ms, ${latency.missing} deliveries missing (call to commit p50 ${fmt(latency.toCommit.p50Ms)} / p99 ${fmt(latency.toCommit.p99Ms)} ms, commit to arrival p50 ${fmt(latency.toArrival.p50Ms)} / p99 ${fmt(latency.toArrival.p99Ms)} ms)`,
       `  fan-out: ${fanOut.changes} changes to ${fanOut.watchers} all-tenant watchers: ${fmt(fanOut.changesPerSecond, 0)} changes/s, ${fmt(fanOut.deliveriesPerSecond, 0)} deliveries/s, ${fanOut.missing} missing, ${fanOut.resumes} resumes`,
       `  memory: ${idleStreams.streams} idle streams, ${fmt(idleStreams.bytesPerStream / 1024, 1)} KiB each (service RSS)`,
-      `  UpdateKeyFrozen/Unfrozen: ${fmt(freezeThroughput.withFeed.callsPerSecond, 0)} calls/s with the feed (100 watchers), ${fmt(freezeThroughput.withoutFeed.callsPerSecond, 0)} without (${fmt(freezeThroughput.ratio)}x); p99 ${fmt(freezeThroughput.withFeed.p99Ms)} vs ${fmt(freezeThroughput.withoutFeed.p99Ms)} ms; events captured but nobody watching: ${fmt(freezeThroughput.capturedOnly.callsPerSecond, 0)} calls/s`,
+      `  UpdateKeyFrozen/Unfrozen: ${fmt(freezeThroughput.withFeed.callsPerSecond, 0)} calls/s with the feed (100 watchers), ${fmt(freezeThroughput.withoutFeed.callsPerSecond, 0)} without (${fmt(freezeThroughput.ratio)}x); p99 ${fmt(freezeThroughput.withFeed.p99Ms)} vs ${fmt(freezeThroughput.withoutFeed.p99Ms)} ms; events captured but nobody watching: ${fmt(freezeThroughput.capturedOnly.callsPerSecond, 0)} calls/s; the watchers process used ${fmt(freezeThroughput.watchersCores)} of a core meanwhile`,
     );
     if (r.watch.writerCost) {
       lines.push("  a key change by a writer (pgbench, 10 clients):");

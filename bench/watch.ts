@@ -30,6 +30,9 @@ export interface WatchResults {
     readonly p99Ms: number;
     readonly maxMs: number;
     readonly missing: number;
+    /** The two parts of the latency: call sent to its commit, and commit to arrival. */
+    readonly toCommit: { readonly p50Ms: number; readonly p99Ms: number };
+    readonly toArrival: { readonly p50Ms: number; readonly p99Ms: number };
   };
   readonly fanOut: {
     readonly watchers: number;
@@ -47,6 +50,8 @@ export interface WatchResults {
     /** Events captured (triggers on), nobody watching: the database's share of the cost. */
     readonly capturedOnly: Measured;
     readonly ratio: number;
+    /** The watchers process's CPU during the runs with the feed, in cores (it shares the machine). */
+    readonly watchersCores: number;
   };
   /** pgbench, 10 clients, one key change per transaction, in each way of writing it. */
   readonly writerCost?: readonly { readonly way: string; readonly measured: Measured }[];
@@ -64,6 +69,8 @@ async function openWatchers(plan: WatchersPlan) {
   const ready = await lines.next();
   if (ready.value !== "ready") throw new Error(`watchers did not start: ${String(ready.value)}`);
   return {
+    /** CPU seconds the watchers process has used so far. */
+    cpuSeconds: () => cpuSeconds(child.pid as number),
     /** Resolves when the watchers say every expected change has arrived, or after `ms`. */
     async allArrived(ms: number): Promise<void> {
       let timer: NodeJS.Timeout | undefined;
@@ -81,6 +88,12 @@ async function openWatchers(plan: WatchersPlan) {
       return JSON.parse(result.value as string) as WatchersResult;
     },
   };
+}
+
+/** CPU seconds (user and system) a process has used, from /proc (clock ticks of 1/100 s). */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]?.split(" ") ?? [];
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 function rssBytes(pid: number): number {
@@ -129,11 +142,17 @@ async function freezeToEventLatency(
   await new Promise((r) => setTimeout(r, 1000));
   const result = await open.stop();
   const latencies: number[] = [];
-  for (const [id, version, at] of result.receipts) {
+  const toCommit: number[] = [];
+  const toArrival: number[] = [];
+  for (const [id, version, at, committedAt] of result.receipts) {
     const started = sent.get(`${id} ${version}`);
-    if (started !== undefined) latencies.push(at - started);
+    if (started === undefined) continue;
+    latencies.push(at - started);
+    toCommit.push(committedAt - started);
+    toArrival.push(at - committedAt);
   }
-  latencies.sort((a, b) => a - b);
+  for (const list of [latencies, toCommit, toArrival]) list.sort((a, b) => a - b);
+  const parts = (sorted: number[]) => ({ p50Ms: percentile(sorted, 0.5), p99Ms: percentile(sorted, 0.99) });
   return {
     watchers,
     freezes: sent.size,
@@ -141,6 +160,8 @@ async function freezeToEventLatency(
     p99Ms: percentile(latencies, 0.99),
     maxMs: latencies.at(-1) ?? Number.NaN,
     missing: sent.size * watchers - latencies.length,
+    toCommit: parts(toCommit),
+    toArrival: parts(toArrival),
   };
 }
 
@@ -211,6 +232,7 @@ async function freezeThroughput(
   const withFeed: Measured[] = [];
   const withoutFeed: Measured[] = [];
   const capturedOnly: Measured[] = [];
+  const watchersCores: number[] = [];
   for (let round = 0; round < 3; round++) {
     await sql`alter table api_keys enable trigger api_keys_record_update`;
     const open = await openWatchers({
@@ -221,7 +243,10 @@ async function freezeThroughput(
       ],
       record: false,
     });
+    const cpuBefore = open.cpuSeconds();
+    const startedAt = now();
     withFeed.push((await measureServer(settings, ours, freezes.calls)).measured);
+    watchersCores.push((open.cpuSeconds() - cpuBefore) / ((now() - startedAt) / 1000));
     await open.stop();
     capturedOnly.push((await measureServer(settings, ours, freezes.calls)).measured);
     await sql`alter table api_keys disable trigger api_keys_record_update`;
@@ -238,6 +263,7 @@ async function freezeThroughput(
     withoutFeed: wo,
     capturedOnly: median(capturedOnly),
     ratio: w.callsPerSecond / wo.callsPerSecond,
+    watchersCores: watchersCores.sort((a, b) => a - b)[1] ?? Number.NaN,
   };
 }
 

@@ -414,6 +414,34 @@ describe("WatchKeys and ListKeyChanges", () => {
       resumed.cancel();
     });
 
+    it("passes over a position whose transaction rolled back, losing none of the changes after it", async () => {
+      const tenantId = newTenant();
+      const abandoned = await insertKey(db.sql, { tenantId });
+      const frozen = await insertKey(db.sql, { tenantId });
+      const stream = client.open("WatchKeys", { tenantId });
+      const start = ((await stream.next()) as JsonObject).cursor as string;
+      const slow = await writer.reserve();
+      try {
+        await slow`begin`;
+        await slow`set constraints all immediate`;
+        await rename(slow, tenantId, abandoned, "position taken, then rolled back");
+        for (let i = 0; i < 4; i++) {
+          await client.call(i % 2 === 0 ? "UpdateKeyFrozen" : "UpdateKeyUnfrozen", { tenantId, keyId: frozen });
+        }
+        await quiet(stream, 300);
+        await slow`rollback`;
+      } finally {
+        slow.release();
+      }
+      const expected = [frozen, frozen, frozen, frozen];
+      expect((await changes(stream, 4)).map((c) => keyOf(c).id)).to.deep.equal(expected);
+      await quiet(stream, 300);
+      stream.cancel();
+      const resumed = client.open("WatchKeys", { tenantId, resumeCursor: start });
+      expect((await changes(resumed, 4)).map((c) => keyOf(c).id)).to.deep.equal(expected);
+      resumed.cancel();
+    });
+
     it("lists in ListKeyChanges only what a stream resuming from its cursor cannot skip", async () => {
       const tenantId = newTenant();
       const held = await insertKey(db.sql, { tenantId });

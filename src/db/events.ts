@@ -92,8 +92,10 @@ export function laterPosition(a: bigint, b: bigint): bigint {
 /**
  * Every event writer holds this lock, shared, from taking its position until
  * its transaction ends (migration 0004). Taking it exclusively waits until
- * every position taken so far is committed or abandoned; an arbitrary
- * constant.
+ * every position taken so far is committed or abandoned. Only a snapshot
+ * (the feed's first head, a stream's initial state) takes it so, for the
+ * moment that takes; the feed's reader never waits on it (see
+ * runningTransactions). An arbitrary constant.
  */
 const positionLockKey = 7_301_944_514n;
 
@@ -142,54 +144,67 @@ export interface FeedRead {
   /** False when the read stopped at its limit: read again from `through`. */
   readonly complete: boolean;
   /**
-   * A position missing below ones already visible: taken by a commit still
-   * under way, or by one that failed. Events after it wait; read again soon,
-   * and settle if it is still missing.
+   * A position missing below `visible`, a position the read saw: taken by a
+   * commit still under way, or by a transaction that failed. Events after it
+   * wait (see settledBelow).
    */
-  readonly missing?: bigint;
+  readonly missing?: { readonly position: bigint; readonly visible: bigint };
 }
 
 /**
  * The whole feed after `position`, at most `limit` events, up to the first
- * position that is missing below visible ones. With `settle`, first waits
- * (the lock, exclusively, for a moment) until every position taken so far is
- * committed or abandoned: then nothing missing can still come, and the read
- * passes over it.
+ * position that is missing below visible ones, passing over those missing
+ * at or below `settledThrough` (known never to come: see settledBelow).
  */
-export async function readFeed(sql: Sql, position: bigint, limit: number, settle: boolean): Promise<FeedRead> {
-  const read = (q: Sql) => q<FlatEventRow[]>`
-    select ${eventColumns(q)}
+export async function readFeed(sql: Sql, position: bigint, limit: number, settledThrough: bigint): Promise<FeedRead> {
+  const rows = await sql<FlatEventRow[]>`
+    select ${eventColumns(sql)}
     from key_events /* spans tenants: the process's reader of the whole feed */
     where position > ${position}
     order by position
     limit ${limit}
   `;
-  const settled = async () => {
-    try {
-      return await sql.begin(async (tx) => {
-        await lockPositions(tx as unknown as Sql);
-        return await read(tx as unknown as Sql);
-      });
-    } catch (err) {
-      // A writer holds its position for long: read up to the gap, as if not settling.
-      if (isLockTimeout(err)) return undefined;
-      throw err;
-    }
-  };
-  const settledRows = settle ? await settled() : undefined;
-  const rows = settledRows ?? (await read(sql));
   const events: EventRow[] = [];
   let through = position;
-  let missing: bigint | undefined;
   for (const row of rows) {
-    if (settledRows === undefined && row.position !== through + 1n) {
-      missing = through + 1n;
-      break;
+    if (row.position !== through + 1n && row.position - 1n > settledThrough) {
+      const visible = rows.at(-1)?.position ?? row.position;
+      return {
+        events,
+        through,
+        complete: true,
+        missing: { position: laterPosition(through, settledThrough) + 1n, visible },
+      };
     }
     events.push(toEvent(row));
     through = row.position;
   }
-  return { events, through, complete: rows.length < limit || missing !== undefined, missing };
+  return { events, through, complete: rows.length < limit };
+}
+
+/**
+ * The transactions running now, for settling positions missing below one
+ * that a read saw: such a position was taken before that read's snapshot
+ * (a sequence hands out values in order, and the later value had committed),
+ * so by a transaction that had committed (the position would have been
+ * seen), had failed, or was running, and is then running now or has ended
+ * since. Once every one of these has ended, a position still missing will
+ * never come. Unlike waiting on the position lock, this holds back no writer.
+ */
+export async function runningTransactions(sql: Sql): Promise<string[]> {
+  const rows = await sql<{ xid: string }[]>`select pg_snapshot_xip(pg_current_snapshot())::text as xid`;
+  return rows.map((r) => r.xid);
+}
+
+/** True once none of `transactions` (from runningTransactions) is still running. */
+export async function transactionsEnded(sql: Sql, transactions: readonly string[]): Promise<boolean> {
+  if (transactions.length === 0) return true;
+  const [row]: [{ running: number }?] = await sql`
+    select count(*)::int as running
+    from unnest(${arrayLiteral(transactions)}::xid8[]) as x
+    where pg_xact_status(x) = 'in progress'
+  `;
+  return row?.running === 0;
 }
 
 /** What a read of one scope's events found. */

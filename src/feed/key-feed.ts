@@ -1,6 +1,15 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Sql } from "../db/client.js";
-import { type EventRow, type EventScope, type FeedRead, readFeed, settledHead } from "../db/events.js";
+import {
+  type EventRow,
+  type EventScope,
+  type FeedRead,
+  laterPosition,
+  readFeed,
+  runningTransactions,
+  settledHead,
+  transactionsEnded,
+} from "../db/events.js";
 
 /**
  * The process's one reader of key_events: it listens for the database's
@@ -63,14 +72,14 @@ export interface KeyFeedOptions {
 }
 
 const batchSize = 1000;
-/** How long a missing position may be waited for before the reader settles it. */
-const settleAfterMs = 50;
 /**
- * When settling keeps failing (a writer holds its position for long), the
- * wait before the next try doubles up to this, so that the writers who queue
- * behind each try are held back rarely.
+ * How soon a missing position is first checked for being settled (every
+ * transaction that may hold it has ended), and the most the wait between
+ * checks doubles to while one of them runs on (a long transaction, a
+ * prepared one). A check is one cheap query that holds back no writer.
  */
-const maxSettleAfterMs = 5000;
+const firstSettleCheckMs = 5;
+const maxSettleCheckMs = 1000;
 
 function matches(scope: EventScope, event: EventRow): boolean {
   if (scope.allTenants) return true;
@@ -161,10 +170,14 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
   let failing = false;
   let closed = false;
 
-  // A position missing below visible ones (a commit still under way, or one
-  // that failed), and when to settle it: events after it wait, and once it
-  // has been missing for a while the next read settles it (readFeed).
-  let missing: { position: bigint; settleAt: number; backoffMs: number } | undefined;
+  // A position missing below a visible one (a commit still under way, or a
+  // transaction that failed): events after it wait until it arrives, or
+  // until every transaction that may hold it has ended (then it never will,
+  // and positions up to the visible one missing then are passed over).
+  let missing:
+    | { position: bigint; visible: bigint; transactions: string[]; checkAt: number; waitMs: number }
+    | undefined;
+  let settledThrough = 0n;
   let recheck: NodeJS.Timeout | undefined;
 
   // Reads until the table has nothing newer; a wake-up during a read makes
@@ -182,19 +195,29 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
           readAgain = false;
           if (position === undefined) position = await settledHead(sql);
           for (;;) {
-            const settle = missing !== undefined && Date.now() >= missing.settleAt;
-            const found: FeedRead = await readFeed(sql, position, batchSize, settle);
+            if (missing !== undefined && Date.now() >= missing.checkAt) {
+              if (await transactionsEnded(sql, missing.transactions)) {
+                settledThrough = laterPosition(settledThrough, missing.visible);
+                missing = undefined;
+              } else {
+                missing.waitMs = Math.min(missing.waitMs * 2, maxSettleCheckMs);
+                missing.checkAt = Date.now() + missing.waitMs;
+              }
+            }
+            const found: FeedRead = await readFeed(sql, position, batchSize, settledThrough);
             for (const s of subscribers) s.push(found.events, found.through);
             position = found.through;
             if (found.missing !== undefined) {
-              if (missing?.position !== found.missing) {
-                missing = { position: found.missing, settleAt: Date.now() + settleAfterMs, backoffMs: settleAfterMs };
-              } else if (settle) {
-                missing.backoffMs = Math.min(missing.backoffMs * 2, maxSettleAfterMs);
-                missing.settleAt = Date.now() + missing.backoffMs;
+              if (missing?.position !== found.missing.position) {
+                missing = {
+                  ...found.missing,
+                  transactions: await runningTransactions(sql),
+                  checkAt: Date.now() + firstSettleCheckMs,
+                  waitMs: firstSettleCheckMs,
+                };
               }
               clearTimeout(recheck);
-              recheck = setTimeout(() => void read(), Math.max(0, missing.settleAt - Date.now()));
+              recheck = setTimeout(() => void read(), Math.max(0, missing.checkAt - Date.now()));
               recheck.unref();
               break;
             }
