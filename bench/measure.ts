@@ -46,7 +46,7 @@ const ticksPerSecond = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "
 
 /** Starts `script` and waits for the line matching `ready`, whose first group is the port. */
 export async function startProcess(name: string, script: string, env: Record<string, string>, ready: RegExp) {
-  const child = spawn(process.execPath, ["--import", "tsx", script], {
+  const child = spawn(process.execPath, ["--import", "./src/preload.js", script], {
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -75,7 +75,7 @@ export function stopProcess(child: ChildProcess): Promise<void> {
 
 function runLoad(plan: LoadPlan): Promise<LoadResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "bench/load.ts"], { stdio: ["pipe", "pipe", "inherit"] });
+    const child = spawn(process.execPath, ["--import", "./src/preload.js", "bench/load.ts"], { stdio: ["pipe", "pipe", "inherit"] });
     let out = "";
     child.stdout.on("data", (d) => {
       out += d;

@@ -61,7 +61,7 @@ const now = () => performance.timeOrigin + performance.now();
 
 /** A watchers process with `plan`'s streams open; resolves once every stream has sent its first message. */
 async function openWatchers(plan: WatchersPlan) {
-  const child = spawn(process.execPath, ["--import", "tsx", "bench/watchers.ts"], {
+  const child = spawn(process.execPath, ["--import", "./src/preload.js", "bench/watchers.ts"], {
     stdio: ["pipe", "pipe", "inherit"],
   });
   const lines = readline.createInterface({ input: child.stdout })[Symbol.asyncIterator]();

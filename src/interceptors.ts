@@ -2,6 +2,7 @@ import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, type ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import { type ErrorLogger, toConnectError } from "./errors.js";
 import type { Metrics } from "./metrics.js";
+import { rejectMalformed } from "./transport/malformed.js";
 
 /**
  * Work that every call of every service needs, whatever protocol brought it:
@@ -52,6 +53,7 @@ function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObs
   return async (request, context) => {
     const call = observe(method, observers);
     try {
+      rejectMalformed(request, method.input.typeName);
       return await handler(request, context);
     } catch (err) {
       throw call.failed(err);
@@ -65,6 +67,7 @@ function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallO
   return async function* (request, context) {
     const call = observe(method, observers);
     try {
+      rejectMalformed(request, method.input.typeName);
       yield* handler(request, context);
     } catch (err) {
       throw call.failed(err);

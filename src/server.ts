@@ -9,6 +9,7 @@ import { StartError } from "./config.js";
 import { type CallObservers, observeCalls } from "./interceptors.js";
 import { createHealthService } from "./rpc/health.js";
 import { grpcServiceFor } from "./transport/grpc.js";
+import { assertConnectFixed } from "./transport/malformed.js";
 
 /** A service and its handlers, to be served. */
 export interface ServiceRegistration<S extends DescService = DescService> {
@@ -52,6 +53,15 @@ export interface RunningServer {
 // request never starts with "PRI".
 const http2Preface = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
+/**
+ * The largest request message either server accepts, measured after
+ * decompression (gRPC's and grpc-go's default). The largest real request, a
+ * WatchKeys with 1,000 key ids, is about 40 KB; without the limit, Connect
+ * and gRPC-Web would accept up to 4 GiB, and a small gzip body could grow
+ * the process by gigabytes.
+ */
+export const maxRequestBytes = 4 * 1024 * 1024;
+
 /** A connection that has not sent enough to tell its protocol by then is closed. */
 const firstBytesTimeoutMs = 10_000;
 
@@ -63,11 +73,15 @@ const firstBytesTimeoutMs = 10_000;
  * connect-node's cost per call (see docs/DESIGN.md).
  */
 export async function startServer(deps: ServerDeps): Promise<RunningServer> {
+  assertConnectFixed();
   let draining = false;
   const health = createHealthService(() => !draining);
   // channelz keeps per-call statistics for a debugging service this server
   // does not offer; turning it off takes that bookkeeping off every call.
-  const grpcServer = new grpc.Server({ "grpc.enable_channelz": 0 });
+  const grpcServer = new grpc.Server({
+    "grpc.enable_channelz": 0,
+    "grpc.max_receive_message_length": maxRequestBytes,
+  });
   // Each service is registered with both servers in one place, with the
   // same wrapped handlers, so the protocols cannot drift apart.
   const connectRoutes: ((router: ConnectRouter) => void)[] = [];
@@ -79,6 +93,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   }
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
   const connectHandler = connectNodeAdapter({
+    readMaxBytes: maxRequestBytes,
     routes: (router) => {
       for (const route of connectRoutes) route(router);
     },

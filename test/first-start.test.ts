@@ -25,7 +25,7 @@ interface Started {
 
 function startMain(env: Record<string, string>): Started {
   const { DATABASE_URL: _ignored, ...inherited } = process.env;
-  const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], {
+  const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
     env: { ...inherited, PORT: "0", ROLLUP_INTERVAL_MS: "0", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });

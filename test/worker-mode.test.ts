@@ -29,7 +29,7 @@ describe("worker mode (WORKERS=2)", () => {
   before(async () => {
     db = await createTestDatabase();
     port = await freePort();
-    child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], {
+    child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
       env: { ...process.env, DATABASE_URL: db.url, PORT: String(port), WORKERS: "2", ROLLUP_INTERVAL_MS: "0" },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -98,7 +98,7 @@ describe("worker mode when workers die", () => {
   });
 
   function startPrimary(port: number) {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts"], {
+    const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
       env: { ...process.env, DATABASE_URL: db.url, PORT: String(port), WORKERS: "2", ROLLUP_INTERVAL_MS: "0" },
       stdio: ["ignore", "pipe", "pipe"],
     });

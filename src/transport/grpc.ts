@@ -2,12 +2,21 @@ import type { DescMessage, DescMethod, DescService, MessageShape } from "@bufbui
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createHandlerContext, type HandlerContext } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
+import { malformedRequest } from "./malformed.js";
 
 type UnaryHandler = (req: never) => Promise<unknown>;
 type StreamHandler = (req: never, context: HandlerContext) => AsyncIterable<unknown>;
 
+// A body that does not decode is handed on as a marker, answered
+// INVALID_ARGUMENT by the handler's wrapper (grpc-js itself would answer INTERNAL).
 function deserializer<D extends DescMessage>(schema: D) {
-  return (bytes: Buffer): MessageShape<D> => fromBinary(schema, bytes);
+  return (bytes: Buffer): MessageShape<D> => {
+    try {
+      return fromBinary(schema, bytes);
+    } catch (err) {
+      return malformedRequest(err instanceof Error ? err.message : String(err)) as MessageShape<D>;
+    }
+  };
 }
 
 // grpc-js wants a Buffer; this one shares toBinary's memory rather than copying it.

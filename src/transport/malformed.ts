@@ -1,0 +1,35 @@
+import { invalidArgument } from "../errors.js";
+
+/**
+ * A request body that could not be decoded reaches the handler as this
+ * marker, from either server (grpc-js's deserializer in ./grpc.ts, or
+ * connect-es's parse as ./connect-fixes.js changes it), so that the wrapper
+ * around every handler answers it, and counts it, in one place.
+ */
+const malformedKey = Symbol.for("keys-driver-service.malformed-request");
+
+/** The marker for a body that failed to decode with `problem`. */
+export function malformedRequest(problem: string): object {
+  return { [malformedKey]: problem };
+}
+
+/** INVALID_ARGUMENT if `request` is the marker of an undecodable body. */
+export function rejectMalformed(request: unknown, typeName: string): void {
+  if (typeof request === "object" && request !== null && malformedKey in request) {
+    const problem = String((request as Record<symbol, unknown>)[malformedKey]);
+    throw invalidArgument("request body", `is not a valid ${typeName} message (${problem})`);
+  }
+}
+
+/** Throws unless connect-es was loaded with ./connect-fixes.js applied. */
+export function assertConnectFixed(): void {
+  const patched = (globalThis as Record<symbol, Set<string> | undefined>)[
+    Symbol.for("keys-driver-service.connect-fixes")
+  ];
+  if (!patched?.has("serialization.js")) {
+    throw new Error(
+      "@connectrpc/connect was loaded without the fix in src/transport/connect-fixes.js: " +
+        "start node with --import ./src/preload.js (as npm start does)",
+    );
+  }
+}
