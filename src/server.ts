@@ -8,6 +8,7 @@ import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { StartError } from "./config.js";
 import { type CallObservers, observeCalls } from "./interceptors.js";
 import { createHealthService } from "./rpc/health.js";
+import { addReflection } from "./rpc/reflection.js";
 import { grpcServiceFor } from "./transport/grpc.js";
 import { assertConnectFixed } from "./transport/malformed.js";
 
@@ -91,6 +92,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
     grpcServer.addService(definition, implementation);
     connectRoutes.push((router) => router.service(service, handlers));
   }
+  addReflection(grpcServer, [...deps.services.map((s) => s.service.typeName), Health.typeName]);
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
   const connectHandler = connectNodeAdapter({
     readMaxBytes: maxRequestBytes,
