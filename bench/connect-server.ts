@@ -11,7 +11,7 @@ import { createStore } from "../src/db/store.js";
 import { startKeyFeed } from "../src/feed/key-feed.js";
 import { observeCalls } from "../src/interceptors.js";
 import { createPositionTokens } from "../src/rpc/cursors.js";
-import { createHealthService } from "../src/rpc/health.js";
+import { createHealthService, HealthState } from "../src/rpc/health.js";
 import { createKeysDriverService } from "../src/rpc/keys-driver.js";
 import { createPageTokenCodec } from "../src/rpc/page-token.js";
 import { createTokenSigner } from "../src/rpc/signed-token.js";
@@ -36,14 +36,9 @@ const handlers = observeCalls(
 const server = http2.createServer(
   connectNodeAdapter({
     routes: (router) =>
-      router.service(KeysDriverService, handlers).service(
-        Health,
-        observeCalls(
-          Health,
-          createHealthService(() => true),
-          {},
-        ),
-      ),
+      router
+        .service(KeysDriverService, handlers)
+        .service(Health, observeCalls(Health, createHealthService(new HealthState()), {})),
   }),
 );
 server.listen(Number(process.env.PORT ?? 0), "127.0.0.1", () => {

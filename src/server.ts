@@ -7,7 +7,7 @@ import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { StartError } from "./config.js";
 import { type CallObservers, observeCalls } from "./interceptors.js";
-import { createHealthService } from "./rpc/health.js";
+import { createHealthService, type HealthState } from "./rpc/health.js";
 import { addReflection } from "./rpc/reflection.js";
 import { grpcServiceFor } from "./transport/grpc.js";
 import { assertConnectFixed } from "./transport/malformed.js";
@@ -33,6 +33,8 @@ export interface ServerDeps {
   readonly host: string;
   /** TCP port; 0 picks a free one. */
   readonly port: number;
+  /** Whether to answer SERVING (Health, /readyz); startServer marks it draining when it closes. */
+  readonly health: HealthState;
   /** The Prometheus text for GET /metrics; without it, /metrics is 404. */
   readonly metricsText?: () => string;
 }
@@ -75,8 +77,7 @@ const firstBytesTimeoutMs = 10_000;
  */
 export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   assertConnectFixed();
-  let draining = false;
-  const health = createHealthService(() => !draining);
+  const health = createHealthService(deps.health);
   // channelz keeps per-call statistics for a debugging service this server
   // does not offer; turning it off takes that bookkeeping off every call.
   const grpcServer = new grpc.Server({
@@ -100,11 +101,16 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       for (const route of connectRoutes) route(router);
     },
   });
-  // Plain HTTP for probes and scrapers beside the rpcs: GET /healthz, GET /metrics.
+  // Plain HTTP for probes and scrapers beside the rpcs: GET /livez (the
+  // process answers), GET /readyz and /healthz (it can serve calls: not
+  // while draining, nor while the database is out of reach), GET /metrics.
   const httpServer = http.createServer((req, res) => {
     const path = req.url?.split("?")[0];
-    if (req.method === "GET" && path === "/healthz") {
-      res.writeHead(draining ? 503 : 200, { "content-type": "text/plain" }).end(draining ? "draining\n" : "ok\n");
+    if (req.method === "GET" && path === "/livez") {
+      res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
+    } else if (req.method === "GET" && (path === "/readyz" || path === "/healthz")) {
+      const problem = deps.health.problem;
+      res.writeHead(problem ? 503 : 200, { "content-type": "text/plain" }).end(`${problem ?? "ok"}\n`);
     } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
       res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
     } else {
@@ -172,7 +178,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
     port: bound.port,
     address: `${host}:${bound.port}`,
     async close(graceMs = 10_000) {
-      draining = true;
+      deps.health.drain();
       const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
       for (const socket of undecided) socket.destroy();
       httpServer.closeIdleConnections();

@@ -1,12 +1,14 @@
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { type Config, StartError } from "./config.js";
 import { createSql, type Sql } from "./db/client.js";
+import { startDatabaseProbe } from "./db/probe.js";
 import { findServiceSecret } from "./db/secrets.js";
 import { createStore } from "./db/store.js";
 import type { ErrorLogger } from "./errors.js";
 import { type KeyFeed, startKeyFeed } from "./feed/key-feed.js";
 import { createMetrics, type Metrics, type MetricsSnapshot, renderMetrics } from "./metrics.js";
 import { createPositionTokens } from "./rpc/cursors.js";
+import { HealthState } from "./rpc/health.js";
 import { createKeysDriverService } from "./rpc/keys-driver.js";
 import { createPageTokenCodec } from "./rpc/page-token.js";
 import { createTokenSigner } from "./rpc/signed-token.js";
@@ -54,6 +56,13 @@ export interface RunningService {
 }
 
 /**
+ * How often the database is asked whether it answers, and how long it may
+ * take: Health and /readyz turn NOT_SERVING within about twice this after
+ * it stops answering, and SERVING again within this after it is back.
+ */
+const healthProbeIntervalMs = 1000;
+
+/**
  * Turns configuration into a running service: the pool, the page-token
  * secret, the handlers over the PostgreSQL store, and the server on its
  * port. The executable, worker mode, the tests and the benchmark all start
@@ -68,6 +77,7 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
     onQuery: hooks.onQuery,
   });
   let feed: KeyFeed | undefined;
+  let probe: { close(): Promise<void> } | undefined;
   try {
     const secret = config.pageTokenSecret ?? (await findServiceSecret(sql, "page_token"));
     if (!secret) throw new StartError("the page token secret is missing from service_secrets; run `npm run migrate`");
@@ -89,14 +99,22 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
         initialStateReaders: Math.max(1, Math.floor(config.poolMax / 2)),
       },
     });
+    const health = new HealthState();
+    probe = startDatabaseProbe(config.databaseUrl, {
+      intervalMs: healthProbeIntervalMs,
+      timeoutMs: healthProbeIntervalMs,
+      onChange: (reachable) => health.setDatabaseReachable(reachable),
+    });
     const server = await startServer({
       services: [registration(KeysDriverService, handlers)],
       observers: { metrics, logError },
+      health,
       host: config.host,
       port: config.port,
       metricsText: () => (hooks.metricsText ?? ((own) => renderMetrics(own, 1)))(metrics.snapshot()),
     });
     const running = feed;
+    const probing = probe;
     return {
       address: server.address,
       port: server.port,
@@ -111,11 +129,13 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
         const streamsGone = Date.now() + Math.min(graceMs ?? 10_000, 2_000);
         while (running.subscribers > 0 && Date.now() < streamsGone) await new Promise((r) => setTimeout(r, 10));
         await server.close(graceMs);
+        await probing.close();
         await running.close();
         await sql.end({ timeout: 5 });
       },
     };
   } catch (err) {
+    await probe?.close();
     await feed?.close();
     await sql.end({ timeout: 1 });
     throw err;
