@@ -1,5 +1,6 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
-import { Code, type ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { cancellingStatements } from "./db/client.js";
 import { type ErrorLogger, toConnectError } from "./errors.js";
 import type { Metrics } from "./metrics.js";
 import { rejectMalformed } from "./transport/malformed.js";
@@ -27,6 +28,7 @@ const codeNames = new Map(
     .filter(([, v]) => typeof v === "number")
     .map(([name, v]) => [v as Code, name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase()]),
 );
+codeNames.set(Code.Canceled, "CANCELLED"); // gRPC's spelling
 
 /** The gRPC name of a status code, e.g. "NOT_FOUND". */
 export function codeName(code: Code): string {
@@ -49,12 +51,52 @@ function observe(method: DescMethod, observers: CallObservers) {
   };
 }
 
+/** How close to its deadline a cancelled call counts as ended by it. */
+const deadlineSlackMs = 20;
+
+const deadlinePassed = () => new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded);
+
+/**
+ * `work`, but settled by the call's signal when it aborts first (the
+ * deadline passed, or the client cancelled): the call ends then, with
+ * DEADLINE_EXCEEDED or CANCELLED, and every statement `work` started is
+ * cancelled (cancellingStatements); what `work` does after that is ignored.
+ * The statements' signal follows the call's only while `work` runs, so a
+ * call that has ended cancels nothing it left behind on purpose.
+ */
+async function untilAborted<T>(context: HandlerContext, work: () => Promise<T>): Promise<T> {
+  const signal = context.signal;
+  const statements = new AbortController();
+  let done = () => {};
+  const aborted = new Promise<never>((_, reject) => {
+    const forward = () => {
+      // The client gives up at its deadline too, and its cancel can arrive
+      // first: a call whose deadline has passed ended by the deadline.
+      const reason =
+        (context.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs ? deadlinePassed() : signal.reason;
+      statements.abort(reason);
+      reject(reason);
+    };
+    if (signal.aborted) forward();
+    else signal.addEventListener("abort", forward, { once: true });
+    done = () => signal.removeEventListener("abort", forward);
+  });
+  const running = cancellingStatements(statements.signal, work);
+  running.catch(() => {}); // settled after the call ended: nobody is waiting
+  try {
+    return await Promise.race([running, aborted]);
+  } finally {
+    done();
+  }
+}
+
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
   return async (request, context) => {
     const call = observe(method, observers);
     try {
       rejectMalformed(request, method.input.typeName);
-      return await handler(request, context);
+      if (!context) return await handler(request, context);
+      return await untilAborted(context, () => handler(request, context));
     } catch (err) {
       throw call.failed(err);
     } finally {

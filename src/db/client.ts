@@ -1,3 +1,4 @@
+import { AsyncLocalStorage } from "node:async_hooks";
 import type Postgres from "postgres";
 import postgres from "./postgres.js";
 
@@ -104,8 +105,84 @@ function checkResult(result: unknown): ResultMismatchError | undefined {
   return undefined;
 }
 
+// The signal of the call whose statements run in this async context (see
+// cancellingStatements).
+const callSignals = new AsyncLocalStorage<AbortSignal>();
+
+/**
+ * Runs `work` so that every statement it starts is cancelled when `signal`
+ * aborts (the caller's deadline passed, or it cancelled): a statement
+ * waiting for a connection leaves the queue, one running is cancelled on
+ * the server (a CancelRequest, as psql's Ctrl-C), and one that `work` would
+ * start afterwards fails at once with the signal's reason instead of
+ * running after the caller has gone.
+ */
+export function cancellingStatements<T>(signal: AbortSignal, work: () => Promise<T>): Promise<T> {
+  return callSignals.run(signal, work);
+}
+
+/**
+ * Runs `work` outside any call's cancellation: for statements a call starts
+ * on behalf of others (the feed's shared read, a wake-up sent after a
+ * write), which must outlive it.
+ */
+export function detachedFromCall<T>(work: () => T): T {
+  return callSignals.exit(work);
+}
+
+/**
+ * A statement cancelled "due to user request" that the current call did not
+ * cancel. PostgreSQL's cancel names a backend, not a statement: a cancel
+ * sent for a call's statement that arrives only after that statement ended
+ * (a database that was not answering, then answers everything at once)
+ * cancels whatever runs next on that connection, another call's. Such a
+ * statement did nothing and can be run again (see ./store.ts).
+ */
+export function isStrayCancel(err: unknown): boolean {
+  if (typeof err !== "object" || err === null) return false;
+  const { code, message } = err as { code?: unknown; message?: unknown };
+  return (
+    code === "57014" &&
+    typeof message === "string" &&
+    message.includes("user request") &&
+    callSignals.getStore()?.aborted !== true
+  );
+}
+
+interface CancellableQuery {
+  /** Handed to the pool: queued, or sent to a connection. */
+  executed?: boolean;
+  canceller?: ((query: unknown) => Promise<void> | undefined) | null;
+}
+
+function cancelOnAbort(query: PendingQuery & CancellableQuery, signal: AbortSignal): void {
+  if (signal.aborted) throw signal.reason;
+  const abort = () => {
+    // A query never handed to the pool (a fragment of another, or one not
+    // awaited) is left alone. postgres.js's own cancel() drops the promise
+    // of the CancelRequest's connection, whose failure (a database that
+    // does not answer) would then go unhandled.
+    if (!query.executed || !query.canceller) return;
+    const cancel = query.canceller;
+    query.canceller = null;
+    void cancel(query)?.catch(() => {});
+  };
+  signal.addEventListener("abort", abort, { once: true });
+  const { resolve, reject } = query;
+  query.resolve = (result) => {
+    signal.removeEventListener("abort", abort);
+    resolve(result);
+  };
+  query.reject = (error) => {
+    signal.removeEventListener("abort", abort);
+    reject(error);
+  };
+}
+
 function checkQuery(query: unknown): void {
   if (!isPendingQuery(query)) return;
+  const signal = callSignals.getStore();
+  if (signal) cancelOnAbort(query, signal);
   const { resolve, reject } = query;
   query.resolve = (result) => {
     const mismatch = checkResult(result);

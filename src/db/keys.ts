@@ -1,5 +1,5 @@
 import type { Micros } from "../micros.js";
-import type { Sql } from "./client.js";
+import { detachedFromCall, type Sql } from "./client.js";
 import { timestampAt } from "./time.js";
 
 /** The status values the api_keys.status column allows. */
@@ -149,13 +149,17 @@ function wakeFeedReaders(sql: Sql): void {
   }
   state.sending = true;
   const wake = state;
-  void (async () => {
-    do {
-      wake.owed = false;
-      await sql`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`.catch(() => {});
-    } while (wake.owed);
-    wake.sending = false;
-  })();
+  // Sent for every watcher, not for the call that wrote: not cancelled with it.
+  detachedFromCall(
+    () =>
+      void (async () => {
+        do {
+          wake.owed = false;
+          await sql`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`.catch(() => {});
+        } while (wake.owed);
+        wake.sending = false;
+      })(),
+  );
 }
 
 // One statement decides and writes, so a freeze racing an unfreeze cannot

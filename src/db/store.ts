@@ -1,4 +1,4 @@
-import type { Sql } from "./client.js";
+import { isStrayCancel, type Sql } from "./client.js";
 import * as events from "./events.js";
 import * as keys from "./keys.js";
 import * as usage from "./usage.js";
@@ -39,11 +39,31 @@ export type Store = {
     : never;
 };
 
-/** The Store backed by PostgreSQL through `sql`. */
+/** How many times an operation hit by another call's late cancel is run again. */
+const strayCancelRetries = 3;
+
+/**
+ * The Store backed by PostgreSQL through `sql`. Each operation is one
+ * statement or one transaction, so one cancelled by a cancel meant for
+ * another call (isStrayCancel) changed nothing and runs again.
+ */
 export function createStore(sql: Sql): Store {
   const bound: Record<string, unknown> = {};
   for (const [name, operation] of Object.entries(operations)) {
-    bound[name] = (...args: unknown[]) => (operation as (sql: Sql, ...args: unknown[]) => unknown)(sql, ...args);
+    const run = (...args: unknown[]) => (operation as (sql: Sql, ...args: unknown[]) => unknown)(sql, ...args);
+    bound[name] = (...args: unknown[]) => {
+      const first = run(...args);
+      if (!(first instanceof Promise)) return first; // a stream (fetchKeysAtSnapshot)
+      return (async () => {
+        for (let attempt = 0; ; attempt++) {
+          try {
+            return await (attempt === 0 ? first : run(...args));
+          } catch (err) {
+            if (attempt >= strayCancelRetries || !isStrayCancel(err)) throw err;
+          }
+        }
+      })();
+    };
   }
   return bound as Store;
 }

@@ -1,5 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Sql } from "../db/client.js";
+import { detachedFromCall, type Sql } from "../db/client.js";
 import {
   type EventRow,
   type EventScope,
@@ -189,7 +189,8 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
       readAgain = true;
       return reading;
     }
-    reading = (async () => {
+    // Shared by every stream and call waiting on it: not cancelled with any one of them.
+    reading = detachedFromCall(async () => {
       try {
         do {
           readAgain = false;
@@ -233,7 +234,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
       } finally {
         reading = undefined;
       }
-    })();
+    });
     return reading;
   };
 

@@ -4,7 +4,7 @@ import { Code, ConnectError, createHandlerContext, type HandlerContext } from "@
 import * as grpc from "@grpc/grpc-js";
 import { malformedRequest } from "./malformed.js";
 
-type UnaryHandler = (req: never) => Promise<unknown>;
+type UnaryHandler = (req: never, context: HandlerContext) => Promise<unknown>;
 type StreamHandler = (req: never, context: HandlerContext) => AsyncIterable<unknown>;
 
 // A body that does not decode is handed on as a marker, answered
@@ -51,6 +51,32 @@ function toServiceError(err: unknown): Partial<grpc.ServiceError> {
 }
 
 /**
+ * The handler context of a grpc-js call: its signal aborts when the client
+ * cancels (CANCELLED) or the call's deadline passes (DEADLINE_EXCEEDED), as
+ * connect-es's does for its protocols.
+ */
+function contextOf(
+  service: DescService,
+  method: DescMethod,
+  call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>,
+) {
+  const cancelled = new AbortController();
+  call.on("cancelled", () => cancelled.abort(new ConnectError("the client cancelled the call", Code.Canceled)));
+  const deadline = call.getDeadline();
+  const timeoutMs = (typeof deadline === "number" ? deadline : deadline.getTime()) - Date.now();
+  const context = createHandlerContext({
+    service,
+    method,
+    protocolName: "grpc",
+    requestMethod: "POST",
+    url: `/${service.typeName}/${method.name}`,
+    timeoutMs: timeoutMs !== undefined && Number.isFinite(timeoutMs) ? Math.max(0, timeoutMs) : undefined,
+    requestSignal: cancelled.signal,
+  });
+  return { context, cancelled: cancelled.signal };
+}
+
+/**
  * A server-streaming handler served by grpc-js: the handler gets a context
  * whose signal aborts when the client cancels or its deadline passes, and
  * it is read only as fast as the client takes its messages (a full buffer
@@ -58,42 +84,43 @@ function toServiceError(err: unknown): Partial<grpc.ServiceError> {
  */
 function serverStream(service: DescService, method: DescMethod, handler: StreamHandler) {
   return (call: grpc.ServerWritableStream<unknown, unknown>) => {
-    const cancelled = new AbortController();
-    call.on("cancelled", () => cancelled.abort(new ConnectError("the client cancelled the call", Code.Canceled)));
-    const deadline = call.getDeadline();
-    const timeoutMs = (typeof deadline === "number" ? deadline : deadline.getTime()) - Date.now();
-    const context = createHandlerContext({
-      service,
-      method,
-      protocolName: "grpc",
-      requestMethod: "POST",
-      url: `/${service.typeName}/${method.name}`,
-      timeoutMs: timeoutMs !== undefined && Number.isFinite(timeoutMs) ? Math.max(0, timeoutMs) : undefined,
-      requestSignal: cancelled.signal,
-    });
+    const { context, cancelled } = contextOf(service, method, call);
     const drained = () =>
       new Promise<void>((resolve) => {
         const done = () => {
           call.off("drain", done);
-          cancelled.signal.removeEventListener("abort", done);
+          cancelled.removeEventListener("abort", done);
           resolve();
         };
         call.on("drain", done);
-        cancelled.signal.addEventListener("abort", done, { once: true });
+        cancelled.addEventListener("abort", done, { once: true });
       });
     (async () => {
       try {
         for await (const message of handler(call.request as never, context)) {
-          if (cancelled.signal.aborted) break;
+          if (cancelled.aborted) break;
           if (!call.write(message)) await drained();
         }
-        if (!cancelled.signal.aborted) call.end();
+        if (!cancelled.aborted) call.end();
       } catch (err) {
-        if (!cancelled.signal.aborted) call.emit("error", toServiceError(err));
+        if (!cancelled.aborted) call.emit("error", toServiceError(err));
       } finally {
         context.abort();
       }
     })();
+  };
+}
+
+/** A unary handler served by grpc-js, with the call's context (deadline, cancel). */
+function unaryCall(service: DescService, method: DescMethod, handler: UnaryHandler) {
+  return (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+    const { context } = contextOf(service, method, call);
+    handler(call.request as never, context)
+      .then(
+        (response) => callback(null, response),
+        (err: unknown) => callback(toServiceError(err)),
+      )
+      .finally(() => context.abort());
   };
 }
 
@@ -124,13 +151,7 @@ export function grpcServiceFor(
     };
     const handler = handlers[method.localName];
     if (method.methodKind === "unary" && handler) {
-      const unary: grpc.handleUnaryCall<unknown, unknown> = (call, callback) => {
-        (handler as UnaryHandler)(call.request as never).then(
-          (response) => callback(null, response),
-          (err: unknown) => callback(toServiceError(err)),
-        );
-      };
-      implementation[method.localName] = unary;
+      implementation[method.localName] = unaryCall(service, method, handler as UnaryHandler);
     } else if (method.methodKind === "server_streaming" && handler) {
       implementation[method.localName] = serverStream(service, method, handler as StreamHandler);
     } else {

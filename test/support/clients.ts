@@ -35,13 +35,19 @@ export class RpcError extends Error {
  */
 export interface JsonCaller {
   readonly name: string;
-  /** Calls a unary method, e.g. call("FetchKeyById", {...}). */
-  call(method: string, request: JsonObject): Promise<JsonObject>;
+  /** Calls a unary method, e.g. call("FetchKeyById", {...}), with a deadline or a cancel if given. */
+  call(method: string, request: JsonObject, options?: CallOptions): Promise<JsonObject>;
   /** Reads a server stream to its end. */
   stream(method: string, request: JsonObject): Promise<JsonObject[]>;
   /** Opens a server stream, to be read one message at a time (nothing is read ahead). */
   open(method: string, request: JsonObject): OpenStream;
   close(): void;
+}
+
+/** A unary call's deadline (milliseconds from now) and cancel. */
+export interface CallOptions {
+  readonly timeoutMs?: number;
+  readonly signal?: AbortSignal;
 }
 
 /** A server stream being read. */
@@ -82,11 +88,11 @@ export function connectCaller(name: string, transport: Transport): JsonCaller {
   };
   return {
     name,
-    async call(method, request) {
+    async call(method, request, options) {
       const m = methodOf(method);
-      const fn = client[m.localName as keyof typeof client] as (req: unknown) => Promise<unknown>;
+      const fn = client[m.localName as keyof typeof client] as (req: unknown, o?: CallOptions) => Promise<unknown>;
       try {
-        return asJson(m.output, await fn(fromJson(m.input, request)));
+        return asJson(m.output, await fn(fromJson(m.input, request), options));
       } catch (err) {
         return rethrow(err);
       }
@@ -211,16 +217,23 @@ function requestFor(method: string, request: JsonObject): Record<string, unknown
 export function grpcJsCaller(address: string): JsonCaller {
   const client = new loaded.keysdriver.v1.KeysDriverService(address, grpc.credentials.createInsecure());
   const asRpcError = (err: grpc.ServiceError) => new RpcError(err.code, err.details);
-  type Unary = (req: unknown, cb: (err: grpc.ServiceError | null, res: unknown) => void) => void;
+  type Unary = (
+    req: unknown,
+    metadata: grpc.Metadata,
+    options: grpc.CallOptions,
+    cb: (err: grpc.ServiceError | null, res: unknown) => void,
+  ) => grpc.ClientUnaryCall;
   return {
     name: "@grpc/grpc-js",
-    call(method, request) {
+    call(method, request, options) {
       const fn = (client[method] as Unary).bind(client);
+      const deadline = options?.timeoutMs === undefined ? undefined : Date.now() + options.timeoutMs;
       return new Promise((resolve, reject) => {
-        fn(requestFor(method, request), (err, res) => {
+        const call = fn(requestFor(method, request), new grpc.Metadata(), deadline ? { deadline } : {}, (err, res) => {
           if (err) reject(asRpcError(err));
           else resolve(normalise(res) as JsonObject);
         });
+        options?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
       });
     },
     stream(method, request) {

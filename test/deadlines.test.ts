@@ -1,0 +1,133 @@
+import { Code } from "@connectrpc/connect";
+import { expect } from "chai";
+import type { Sql } from "../src/db/client.js";
+import type { RunningService } from "../src/service.js";
+import { connectGrpcCaller, connectProtocolCaller, failure, grpcJsCaller, type JsonCaller } from "./support/clients.js";
+import { createTestDatabase, type TestDatabase } from "./support/database.js";
+import { insertKey, newTenant } from "./support/fixtures.js";
+import { startFreezableProxy } from "./support/proxy.js";
+import { startTestService } from "./support/service.js";
+
+/** The service's statements still running on the server (not the listener's, not the probe's). */
+async function runningStatements(sql: Sql): Promise<string[]> {
+  const rows = await sql<{ query: string }[]>`
+    select query from pg_stat_activity
+    where application_name = 'keys-driver-service' and state = 'active' and query not ilike '%listen%'
+      and pid <> pg_backend_pid()
+  `;
+  return rows.map((r) => r.query);
+}
+
+async function eventually(check: () => Promise<boolean>, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await check()) return true;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  return check();
+}
+
+function callsCounted(service: RunningService, method: string, code: string): number {
+  return service.metrics.snapshot().calls[`${method} ${code}`] ?? 0;
+}
+
+describe("a caller's deadline and cancel reach the database", () => {
+  let db: TestDatabase;
+  let proxy: Awaited<ReturnType<typeof startFreezableProxy>>;
+  let service: RunningService;
+
+  before(async () => {
+    db = await createTestDatabase();
+    const url = new URL(db.url);
+    proxy = await startFreezableProxy(`${url.hostname}:${url.port}`);
+    url.host = proxy.address;
+    service = await startTestService(url.toString(), { pageTokenSecret: new Uint8Array(32) });
+  });
+  after(async () => {
+    proxy?.resume();
+    await service?.close(1000);
+    await proxy?.close();
+    await db?.drop();
+  });
+
+  for (const makeCaller of [grpcJsCaller, connectGrpcCaller, connectProtocolCaller]) {
+    it(`ends a freeze waiting on a locked row at its deadline, cancels its statement, writes nothing (${makeCaller.name})`, async () => {
+      const client: JsonCaller = makeCaller(service.address);
+      const tenantId = newTenant();
+      const keyId = await insertKey(db.sql, { tenantId });
+      const okBefore = callsCounted(service, "UpdateKeyFrozen", "OK");
+      const lateBefore = callsCounted(service, "UpdateKeyFrozen", "DEADLINE_EXCEEDED");
+      const holder = await db.sql.reserve();
+      try {
+        await holder`begin`;
+        await holder`select 1 from api_keys where tenant_id = ${tenantId} and id = ${keyId} for update`;
+        const started = performance.now();
+        const err = await failure(client.call("UpdateKeyFrozen", { tenantId, keyId }, { timeoutMs: 300 }));
+        const elapsed = performance.now() - started;
+        expect(err.code).to.equal(Code.DeadlineExceeded);
+        expect(elapsed).to.be.within(290, 450);
+        // The statement left the server; its connection serves the next call.
+        expect(await eventually(async () => (await runningStatements(db.sql)).length === 0, 1000)).to.equal(true);
+      } finally {
+        await holder`rollback`;
+        holder.release();
+      }
+      const key = await client.call("FetchKeyById", { tenantId, keyId });
+      expect((key.key as { isFrozen?: boolean }).isFrozen ?? false).to.equal(false);
+      expect(callsCounted(service, "UpdateKeyFrozen", "OK")).to.equal(okBefore);
+      expect(callsCounted(service, "UpdateKeyFrozen", "DEADLINE_EXCEEDED")).to.equal(lateBefore + 1);
+      client.close();
+    });
+  }
+
+  it("ends a call the client cancels, and cancels its statement", async () => {
+    const client = grpcJsCaller(service.address);
+    const tenantId = newTenant();
+    const keyId = await insertKey(db.sql, { tenantId });
+    const holder = await db.sql.reserve();
+    try {
+      await holder`begin`;
+      await holder`select 1 from api_keys where tenant_id = ${tenantId} and id = ${keyId} for update`;
+      const abort = new AbortController();
+      setTimeout(() => abort.abort(), 150);
+      const err = await failure(client.call("UpdateKeyFrozen", { tenantId, keyId }, { signal: abort.signal }));
+      expect(err.code).to.equal(Code.Canceled);
+      expect(await eventually(async () => (await runningStatements(db.sql)).length === 0, 1000)).to.equal(true);
+      expect(await eventually(async () => callsCounted(service, "UpdateKeyFrozen", "CANCELLED") === 1, 1000)).to.equal(
+        true,
+      );
+    } finally {
+      await holder`rollback`;
+      holder.release();
+    }
+    client.close();
+  });
+
+  it("ends calls at their deadline while the database does not answer, and serves again when it does", async function () {
+    this.timeout(20_000);
+    const client = grpcJsCaller(service.address);
+    const tenantId = newTenant();
+    const keyId = await insertKey(db.sql, { tenantId });
+    await client.call("FetchKeyById", { tenantId, keyId });
+    const okBefore = callsCounted(service, "FetchKeyById", "OK");
+    proxy.pause(); // as a stopped PostgreSQL (SIGSTOP): connections open, nothing answered
+    try {
+      const calls = Array.from({ length: 15 }, async (_, i) => {
+        const started = performance.now();
+        const method = i % 3 === 0 ? "UpdateKeyFrozen" : "FetchKeyById";
+        const err = await failure(client.call(method, { tenantId, keyId }, { timeoutMs: 300 }));
+        return { code: err.code, elapsed: performance.now() - started };
+      });
+      for (const { code, elapsed } of await Promise.all(calls)) {
+        expect(code).to.equal(Code.DeadlineExceeded);
+        expect(elapsed).to.be.within(290, 450);
+      }
+      expect(callsCounted(service, "FetchKeyById", "OK")).to.equal(okBefore);
+    } finally {
+      proxy.resume();
+    }
+    const key = await client.call("FetchKeyById", { tenantId, keyId }, { timeoutMs: 5000 });
+    expect((key.key as { id: string }).id).to.equal(keyId);
+    client.close();
+  });
+});
