@@ -45,6 +45,12 @@ export interface Config {
    * core when NODE_ENV=production, else 1.
    */
   readonly workers: number;
+  /**
+   * MAX_CONNECTIONS, MAX_CONCURRENT_STREAMS, CONNECTION_IDLE_TIMEOUT_MS,
+   * MAX_CONNECTION_AGE_MS, MAX_CONNECTION_AGE_GRACE_MS, KEEPALIVE_TIME_MS,
+   * KEEPALIVE_TIMEOUT_MS (ConnectionLimits).
+   */
+  readonly connectionLimits: ConnectionLimits;
 }
 
 /**
@@ -106,6 +112,36 @@ function workers(env: Env): number {
   return n === 0 ? cores : n;
 }
 
+/**
+ * How many connections, and for how long, so that no client can hold the
+ * process's sockets or memory (the settings below, README).
+ */
+export interface ConnectionLimits {
+  /** Connections open at once, every protocol together; more are closed as they arrive. */
+  readonly maxConnections: number;
+  /** Calls at once on one HTTP/2 (gRPC) connection; a client queues the rest. */
+  readonly maxConcurrentStreams: number;
+  /** An HTTP/2 connection with no call for this long is closed (GOAWAY; clients reconnect when needed). */
+  readonly idleTimeoutMs: number;
+  /** An HTTP/2 connection this old is asked to go away (load balancers rebalance); 0 = never. */
+  readonly maxAgeMs: number;
+  /** How long its calls may go on after that before they are cut (WatchKeys resumes from its cursor). */
+  readonly maxAgeGraceMs: number;
+  /** A ping after this long without traffic on an HTTP/2 connection; no answer within keepaliveTimeoutMs closes it. */
+  readonly keepaliveTimeMs: number;
+  readonly keepaliveTimeoutMs: number;
+}
+
+export const defaultConnectionLimits: ConnectionLimits = {
+  maxConnections: 4096,
+  maxConcurrentStreams: 1000,
+  idleTimeoutMs: 300_000,
+  maxAgeMs: 0,
+  maxAgeGraceMs: 60_000,
+  keepaliveTimeMs: 30_000,
+  keepaliveTimeoutMs: 10_000,
+};
+
 /** Parses and checks the environment. */
 export function loadConfig(env: Env = process.env): Config {
   return Object.freeze({
@@ -125,5 +161,32 @@ export function loadConfig(env: Env = process.env): Config {
     watchPollIntervalMs: integer(env, "WATCH_POLL_INTERVAL_MS", 5_000, 100, 3_600_000),
     keyEventsRetentionDays: integer(env, "KEY_EVENTS_RETENTION_DAYS", 90, 0, 36_500),
     workers: workers(env),
+    connectionLimits: Object.freeze({
+      maxConnections: integer(env, "MAX_CONNECTIONS", defaultConnectionLimits.maxConnections, 1, 1_000_000),
+      maxConcurrentStreams: integer(
+        env,
+        "MAX_CONCURRENT_STREAMS",
+        defaultConnectionLimits.maxConcurrentStreams,
+        1,
+        1_000_000,
+      ),
+      idleTimeoutMs: integer(
+        env,
+        "CONNECTION_IDLE_TIMEOUT_MS",
+        defaultConnectionLimits.idleTimeoutMs,
+        1000,
+        86_400_000,
+      ),
+      maxAgeMs: integer(env, "MAX_CONNECTION_AGE_MS", defaultConnectionLimits.maxAgeMs, 0, 604_800_000),
+      maxAgeGraceMs: integer(env, "MAX_CONNECTION_AGE_GRACE_MS", defaultConnectionLimits.maxAgeGraceMs, 0, 86_400_000),
+      keepaliveTimeMs: integer(env, "KEEPALIVE_TIME_MS", defaultConnectionLimits.keepaliveTimeMs, 1000, 86_400_000),
+      keepaliveTimeoutMs: integer(
+        env,
+        "KEEPALIVE_TIMEOUT_MS",
+        defaultConnectionLimits.keepaliveTimeoutMs,
+        1000,
+        600_000,
+      ),
+    }),
   });
 }

@@ -5,7 +5,7 @@ import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
-import { StartError } from "./config.js";
+import { type ConnectionLimits, defaultConnectionLimits, StartError } from "./config.js";
 import { type CallObservers, observeCalls } from "./interceptors.js";
 import { createHealthService, type HealthState } from "./rpc/health.js";
 import { addReflection } from "./rpc/reflection.js";
@@ -33,6 +33,8 @@ export interface ServerDeps {
   readonly host: string;
   /** TCP port; 0 picks a free one. */
   readonly port: number;
+  /** Connection limits; defaultConnectionLimits for what is not given. */
+  readonly limits?: Partial<ConnectionLimits>;
   /** Whether to answer SERVING (Health, /readyz); startServer marks it draining when it closes. */
   readonly health: HealthState;
   /** The Prometheus text for GET /metrics; without it, /metrics is 404. */
@@ -65,6 +67,10 @@ const http2Preface = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
  */
 export const maxRequestBytes = 4 * 1024 * 1024;
 
+/** HTTP/1.1: the request's headers must have arrived by then, and the whole request by the second. */
+const headersTimeoutMs = 10_000;
+const requestTimeoutMs = 60_000;
+
 /** A connection that has not sent enough to tell its protocol by then is closed. */
 const firstBytesTimeoutMs = 10_000;
 
@@ -80,9 +86,17 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   const health = createHealthService(deps.health);
   // channelz keeps per-call statistics for a debugging service this server
   // does not offer; turning it off takes that bookkeeping off every call.
+  const limits = { ...defaultConnectionLimits, ...deps.limits };
   const grpcServer = new grpc.Server({
     "grpc.enable_channelz": 0,
     "grpc.max_receive_message_length": maxRequestBytes,
+    "grpc.max_concurrent_streams": limits.maxConcurrentStreams,
+    "grpc.max_connection_idle_ms": limits.idleTimeoutMs,
+    "grpc.keepalive_time_ms": limits.keepaliveTimeMs,
+    "grpc.keepalive_timeout_ms": limits.keepaliveTimeoutMs,
+    ...(limits.maxAgeMs > 0
+      ? { "grpc.max_connection_age_ms": limits.maxAgeMs, "grpc.max_connection_age_grace_ms": limits.maxAgeGraceMs }
+      : {}),
   });
   // Each service is registered with both servers in one place, with the
   // same wrapped handlers, so the protocols cannot drift apart.
@@ -104,19 +118,29 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // Plain HTTP for probes and scrapers beside the rpcs: GET /livez (the
   // process answers), GET /readyz and /healthz (it can serve calls: not
   // while draining, nor while the database is out of reach), GET /metrics.
-  const httpServer = http.createServer((req, res) => {
-    const path = req.url?.split("?")[0];
-    if (req.method === "GET" && path === "/livez") {
-      res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
-    } else if (req.method === "GET" && (path === "/readyz" || path === "/healthz")) {
-      const problem = deps.health.problem;
-      res.writeHead(problem ? 503 : 200, { "content-type": "text/plain" }).end(`${problem ?? "ok"}\n`);
-    } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
-      res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
-    } else {
-      connectHandler(req, res);
-    }
-  });
+  const httpServer = http.createServer(
+    { headersTimeout: headersTimeoutMs, requestTimeout: requestTimeoutMs, connectionsCheckingInterval: 1000 },
+    (req, res) => {
+      const path = req.url?.split("?")[0];
+      if (req.method === "GET" && path === "/livez") {
+        res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
+      } else if (req.method === "GET" && (path === "/readyz" || path === "/healthz")) {
+        const problem = deps.health.problem;
+        res.writeHead(problem ? 503 : 200, { "content-type": "text/plain" }).end(`${problem ?? "ok"}\n`);
+      } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
+        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
+      } else {
+        connectHandler(req, res);
+      }
+    },
+  );
+
+  // Node tracks an HTTP server's connections (for the header and request
+  // timeouts above, closeIdleConnections and closeAllConnections) from the
+  // moment it starts listening. This one never listens: its sockets come
+  // from the listener below. Without this, those timeouts never fire and a
+  // half-sent request holds up shutdown until the process gives up.
+  httpServer.emit("listening");
 
   // Connections whose first bytes have not told their protocol yet. They
   // belong to neither server, so this one closes them: when they say
@@ -149,6 +173,8 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       undecided.delete(socket);
     });
   });
+
+  listener.maxConnections = limits.maxConnections;
 
   await new Promise<void>((resolve, reject) => {
     const refused = (err: NodeJS.ErrnoException) => {

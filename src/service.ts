@@ -28,6 +28,8 @@ export type ServiceConfig = Pick<
 > & {
   /** A postgres:// URL of a migrated database. */
   readonly databaseUrl: string;
+  /** Connection limits; the defaults (defaultConnectionLimits) for what is not given. */
+  readonly connectionLimits?: Partial<Config["connectionLimits"]>;
 };
 
 /** Ways to watch or adjust a service, for the executable, tests and benchmark. */
@@ -109,6 +111,7 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
       services: [registration(KeysDriverService, handlers)],
       observers: { metrics, logError },
       health,
+      limits: config.connectionLimits,
       host: config.host,
       port: config.port,
       metricsText: () => (hooks.metricsText ?? ((own) => renderMetrics(own, 1)))(metrics.snapshot()),
