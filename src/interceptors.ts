@@ -1,6 +1,6 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
-import { cancellingStatements } from "./db/client.js";
+import { cancellingStatements, StatementScope } from "./db/client.js";
 import { type ErrorLogger, toConnectError } from "./errors.js";
 import type { Metrics } from "./metrics.js";
 import { rejectMalformed } from "./transport/malformed.js";
@@ -51,6 +51,15 @@ function observe(method: DescMethod, observers: CallObservers) {
   };
 }
 
+/**
+ * A handler context that tells when its call ends early (deadline, cancel)
+ * without an AbortSignal: the grpc-js transport's (src/transport/grpc.ts).
+ */
+export const onCallEnd = Symbol("onCallEnd");
+interface CallEndSource {
+  [onCallEnd](listener: (reason: unknown) => void): void;
+}
+
 /** How close to its deadline a cancelled call counts as ended by it. */
 const deadlineSlackMs = 20;
 
@@ -64,30 +73,47 @@ const deadlinePassed = () => new ConnectError("the deadline passed before the ca
  * The statements' signal follows the call's only while `work` runs, so a
  * call that has ended cancels nothing it left behind on purpose.
  */
-async function untilAborted<T>(context: HandlerContext, work: () => Promise<T>): Promise<T> {
-  const signal = context.signal;
-  const statements = new AbortController();
-  let done = () => {};
-  const aborted = new Promise<never>((_, reject) => {
-    const forward = () => {
-      // The client gives up at its deadline too, and its cancel can arrive
-      // first: a call whose deadline has passed ended by the deadline.
-      const reason =
-        (context.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs ? deadlinePassed() : signal.reason;
-      statements.abort(reason);
-      reject(reason);
+function untilAborted<T>(context: HandlerContext, work: () => Promise<T>): Promise<T> {
+  // The client gives up at its deadline too, and its cancel can arrive
+  // first: a call whose deadline has passed ended by the deadline.
+  const reasonFor = (reason: unknown) =>
+    (context.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs ? deadlinePassed() : reason;
+  const statements = new StatementScope();
+  return new Promise<T>((resolve, reject) => {
+    let settled = false;
+    const aborted = (reason: unknown) => {
+      if (settled) return;
+      settled = true;
+      const why = reasonFor(reason);
+      statements.abort(why);
+      reject(why);
     };
-    if (signal.aborted) forward();
-    else signal.addEventListener("abort", forward, { once: true });
-    done = () => signal.removeEventListener("abort", forward);
+    // The grpc-js context tells its end without an AbortSignal (cheaper);
+    // connect-es's has only the signal.
+    const tell = (context as Partial<CallEndSource>)[onCallEnd];
+    let stopListening = () => {};
+    if (tell) tell.call(context, aborted);
+    else {
+      const signal = context.signal;
+      const listener = () => aborted(signal.reason);
+      if (signal.aborted) listener();
+      else signal.addEventListener("abort", listener);
+      stopListening = () => signal.removeEventListener("abort", listener);
+    }
+    if (settled) return;
+    cancellingStatements(statements, work).then(
+      (value) => {
+        settled = true;
+        stopListening();
+        resolve(value);
+      },
+      (err: unknown) => {
+        settled = true;
+        stopListening();
+        reject(err);
+      },
+    );
   });
-  const running = cancellingStatements(statements.signal, work);
-  running.catch(() => {}); // settled after the call ended: nobody is waiting
-  try {
-    return await Promise.race([running, aborted]);
-  } finally {
-    done();
-  }
 }
 
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {

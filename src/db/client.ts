@@ -105,20 +105,51 @@ function checkResult(result: unknown): ResultMismatchError | undefined {
   return undefined;
 }
 
-// The signal of the call whose statements run in this async context (see
-// cancellingStatements).
-const callSignals = new AsyncLocalStorage<AbortSignal>();
+/**
+ * The statements of one call, to be cancelled together when the call ends
+ * early. A plain object rather than an AbortSignal: it is made for every
+ * call and told of every statement, and EventTarget costs more.
+ */
+export class StatementScope {
+  aborted = false;
+  reason: unknown;
+  private cancels: Set<() => void> | undefined;
+
+  /** Calls `cancel` on abort (at once if already aborted); returns how to stop that. */
+  onAbort(cancel: () => void): () => void {
+    if (this.aborted) {
+      cancel();
+      return () => {};
+    }
+    this.cancels ??= new Set();
+    const cancels = this.cancels;
+    cancels.add(cancel);
+    return () => cancels.delete(cancel);
+  }
+
+  abort(reason: unknown): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    const cancels = this.cancels;
+    this.cancels = undefined;
+    for (const cancel of cancels ?? []) cancel();
+  }
+}
+
+// The scope of the call whose statements run in this async context.
+const callScopes = new AsyncLocalStorage<StatementScope>();
 
 /**
- * Runs `work` so that every statement it starts is cancelled when `signal`
+ * Runs `work` so that every statement it starts is cancelled when `scope`
  * aborts (the caller's deadline passed, or it cancelled): a statement
  * waiting for a connection leaves the queue, one running is cancelled on
  * the server (a CancelRequest, as psql's Ctrl-C), and one that `work` would
- * start afterwards fails at once with the signal's reason instead of
- * running after the caller has gone.
+ * start afterwards fails at once with the scope's reason instead of running
+ * after the caller has gone.
  */
-export function cancellingStatements<T>(signal: AbortSignal, work: () => Promise<T>): Promise<T> {
-  return callSignals.run(signal, work);
+export function cancellingStatements<T>(scope: StatementScope, work: () => Promise<T>): Promise<T> {
+  return callScopes.run(scope, work);
 }
 
 /**
@@ -127,7 +158,7 @@ export function cancellingStatements<T>(signal: AbortSignal, work: () => Promise
  * write), which must outlive it.
  */
 export function detachedFromCall<T>(work: () => T): T {
-  return callSignals.exit(work);
+  return callScopes.exit(work);
 }
 
 /**
@@ -145,7 +176,7 @@ export function isStrayCancel(err: unknown): boolean {
     code === "57014" &&
     typeof message === "string" &&
     message.includes("user request") &&
-    callSignals.getStore()?.aborted !== true
+    callScopes.getStore()?.aborted !== true
   );
 }
 
@@ -155,9 +186,9 @@ interface CancellableQuery {
   canceller?: ((query: unknown) => Promise<void> | undefined) | null;
 }
 
-function cancelOnAbort(query: PendingQuery & CancellableQuery, signal: AbortSignal): void {
-  if (signal.aborted) throw signal.reason;
-  const abort = () => {
+function cancelOnAbort(query: PendingQuery & CancellableQuery, scope: StatementScope): void {
+  if (scope.aborted) throw scope.reason;
+  const stop = scope.onAbort(() => {
     // A query never handed to the pool (a fragment of another, or one not
     // awaited) is left alone. postgres.js's own cancel() drops the promise
     // of the CancelRequest's connection, whose failure (a database that
@@ -166,23 +197,22 @@ function cancelOnAbort(query: PendingQuery & CancellableQuery, signal: AbortSign
     const cancel = query.canceller;
     query.canceller = null;
     void cancel(query)?.catch(() => {});
-  };
-  signal.addEventListener("abort", abort, { once: true });
+  });
   const { resolve, reject } = query;
   query.resolve = (result) => {
-    signal.removeEventListener("abort", abort);
+    stop();
     resolve(result);
   };
   query.reject = (error) => {
-    signal.removeEventListener("abort", abort);
+    stop();
     reject(error);
   };
 }
 
 function checkQuery(query: unknown): void {
   if (!isPendingQuery(query)) return;
-  const signal = callSignals.getStore();
-  if (signal) cancelOnAbort(query, signal);
+  const scope = callScopes.getStore();
+  if (scope) cancelOnAbort(query, scope);
   const { resolve, reject } = query;
   query.resolve = (result) => {
     const mismatch = checkResult(result);
