@@ -45,6 +45,17 @@ function observe(method: DescMethod, observers: CallObservers) {
       code = codeName(error.code);
       return error;
     },
+    /** The call ended early by the client's cancel or its deadline: counted so, never logged. */
+    endedBy(context: HandlerContext | undefined): ConnectError | undefined {
+      if (!context?.signal.aborted) return undefined;
+      const reason = context.signal.reason;
+      const error =
+        reason instanceof ConnectError && (reason.code === Code.Canceled || reason.code === Code.DeadlineExceeded)
+          ? reason
+          : new ConnectError("the client cancelled the call", Code.Canceled);
+      code = codeName(error.code);
+      return error;
+    },
     ended(): void {
       observers.metrics?.record(method.name, code, (performance.now() - started) / 1000);
     },
@@ -138,8 +149,12 @@ function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallO
       rejectMalformed(request, method.input.typeName);
       yield* handler(request, context);
     } catch (err) {
-      throw call.failed(err);
+      // A stream the client left fails in whatever way writing to it
+      // failed: that is its cancel, not a fault.
+      throw call.endedBy(context) ?? call.failed(err);
     } finally {
+      // Also when the transport stops reading it because the client left.
+      call.endedBy(context);
       call.ended();
     }
   };

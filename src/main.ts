@@ -44,9 +44,11 @@ function printWelcome(address: string, db: PreparedDatabase, workers: number): v
     `KeysDriverService listening on ${where} (gRPC over h2c; Connect and gRPC-Web over HTTP/1.1; database: ${db.embedded ? "embedded PostgreSQL" : "DATABASE_URL"})`,
   );
   console.log("Try:");
-  console.log(
-    `  npx buf curl --schema proto --protocol grpc --http2-prior-knowledge \\\n    --data '{"tenantId":"${demoTenants.acme}","keyId":"${demoKeys.acmeProduction}"}' \\\n    http://${address}/keysdriver.v1.KeysDriverService/FetchKeyById`,
-  );
+  // The demo data is loaded into the embedded database only.
+  const call = db.embedded
+    ? `--data '{"tenantId":"${demoTenants.acme}","keyId":"${demoKeys.acmeProduction}"}' \\\n    http://${address}/keysdriver.v1.KeysDriverService/FetchKeyById`
+    : `--list-methods http://${address}`;
+  console.log(`  npx buf curl --protocol grpc --http2-prior-knowledge \\\n    ${call}`);
 }
 
 /** Serves in this process until a shutdown signal, then drains. */

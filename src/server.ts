@@ -71,6 +71,26 @@ export const maxRequestBytes = 4 * 1024 * 1024;
 const headersTimeoutMs = 10_000;
 const requestTimeoutMs = 60_000;
 
+/**
+ * connect-es turns a caller's timeout into a timer, and Node runs a timer
+ * longer than 2^31-1 ms (about 24.8 days) after 1 ms: a valid timeout of a
+ * month would end the call at once. Longer timeouts are cut to that.
+ */
+const longestTimeoutMs = 2 ** 31 - 1;
+const grpcTimeoutUnits: Record<string, number> = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 0.001, n: 0.000001 };
+
+function clampTimeouts(headers: http.IncomingHttpHeaders): void {
+  const connect = headers["connect-timeout-ms"];
+  if (typeof connect === "string" && /^\d+$/.test(connect) && Number(connect) > longestTimeoutMs) {
+    headers["connect-timeout-ms"] = String(longestTimeoutMs);
+  }
+  const grpc = headers["grpc-timeout"];
+  const parsed = typeof grpc === "string" ? /^(\d{1,8})([HMSmun])$/.exec(grpc) : null;
+  if (parsed && Number(parsed[1]) * (grpcTimeoutUnits[parsed[2] as string] ?? 0) > longestTimeoutMs) {
+    headers["grpc-timeout"] = `${Math.floor(longestTimeoutMs / 1000)}S`;
+  }
+}
+
 /** A connection that has not sent enough to tell its protocol by then is closed. */
 const firstBytesTimeoutMs = 10_000;
 
@@ -130,6 +150,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
         res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
       } else {
+        clampTimeouts(req.headers);
         connectHandler(req, res);
       }
     },

@@ -103,6 +103,35 @@ describe("a caller's deadline and cancel reach the database", () => {
     client.close();
   });
 
+  it("counts a WatchKeys stream the client cancels as CANCELLED on every protocol, never INTERNAL or OK", async () => {
+    const tenantId = newTenant();
+    const before = { ...service.metrics.snapshot().calls };
+    for (const makeCaller of [grpcJsCaller, connectGrpcCaller, connectProtocolCaller]) {
+      const client = makeCaller(service.address);
+      for (let i = 0; i < 5; i++) {
+        const stream = client.open("WatchKeys", { tenantId });
+        await stream.next();
+        stream.cancel();
+      }
+      client.close();
+    }
+    const counted = (code: string) =>
+      (service.metrics.snapshot().calls[`WatchKeys ${code}`] ?? 0) - (before[`WatchKeys ${code}`] ?? 0);
+    expect(await eventually(async () => counted("CANCELLED") === 15, 3000)).to.equal(true);
+    expect(counted("OK")).to.equal(0);
+    expect(counted("INTERNAL")).to.equal(0);
+  });
+
+  it("takes a deadline longer than a timer can hold (Connect's 10 digits) as far away, not as passed", async () => {
+    const tenantId = newTenant();
+    const res = await fetch(`http://${service.address}/keysdriver.v1.KeysDriverService/CountKeys`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "connect-timeout-ms": "9999999999" },
+      body: JSON.stringify({ tenantId }),
+    });
+    expect(res.status).to.equal(200);
+  });
+
   it("ends calls at their deadline while the database does not answer, and serves again when it does", async function () {
     this.timeout(20_000);
     const client = grpcJsCaller(service.address);

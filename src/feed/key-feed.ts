@@ -1,5 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import { detachedFromCall, type Sql } from "../db/client.js";
+import { detachedFromCall, isStrayCancel, type Sql } from "../db/client.js";
 import {
   type EventRow,
   type EventScope,
@@ -228,6 +228,13 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
         } while (readAgain && !closed);
         failing = false;
       } catch (err) {
+        if (isStrayCancel(err) && !closed) {
+          // Another call's late cancel hit this read's connection: nothing
+          // is wrong with the database; read again at once.
+          readAgain = true;
+          setImmediate(() => void read());
+          return;
+        }
         // Told once per outage, not at every retry.
         if (!failing && !closed) options.onError(err);
         failing = true;
