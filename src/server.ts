@@ -91,6 +91,9 @@ function clampTimeouts(headers: http.IncomingHttpHeaders): void {
   }
 }
 
+/** An HTTP/2 frame's header: a client's first SETTINGS frame follows the preface. */
+const frameHeaderLength = 9;
+
 /** A connection that has not sent enough to tell its protocol by then is closed. */
 const firstBytesTimeoutMs = 10_000;
 
@@ -167,6 +170,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // belong to neither server, so this one closes them: when they say
   // nothing for too long, and at shutdown.
   const undecided = new Set<net.Socket>();
+  const http2Sockets = new Set<net.Socket>();
   const listener = net.createServer((socket) => {
     socket.setNoDelay(true);
     undecided.add(socket);
@@ -184,8 +188,23 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       clearTimeout(silent);
       undecided.delete(socket);
       socket.unshift(seen);
-      if (isHttp2) grpcConnections.injectConnection(socket);
-      else httpServer.emit("connection", socket);
+      if (isHttp2) {
+        // grpc-js closes what it knows: a session that has begun. One
+        // that sent the preface and nothing more is this server's to close,
+        // after the same time, and at shutdown.
+        http2Sockets.add(socket);
+        const handshake = setTimeout(() => {
+          if (socket.bytesRead < http2Preface.length + frameHeaderLength) socket.destroy();
+        }, firstBytesTimeoutMs);
+        handshake.unref();
+        socket.once("close", () => {
+          clearTimeout(handshake);
+          http2Sockets.delete(socket);
+        });
+        grpcConnections.injectConnection(socket);
+      } else {
+        httpServer.emit("connection", socket);
+      }
     };
     socket.on("readable", route);
     socket.on("error", () => socket.destroy());
@@ -236,6 +255,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
         httpServer.closeAllConnections();
         grpcConnections.destroy();
         grpcServer.forceShutdown();
+        for (const socket of http2Sockets) socket.destroy();
       }, graceMs);
       timer.unref();
       await Promise.all([stopped, httpDone, grpcDone]);

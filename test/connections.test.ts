@@ -76,7 +76,8 @@ describe("connection limits", () => {
       );
       const silent = rawSocket(service.address);
       const halfPreface = rawSocket(service.address, "PRI * HTTP/2.0\r\n");
-      for (const s of [headers, silent, halfPreface]) {
+      const prefaceOnly = rawSocket(service.address, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+      for (const s of [headers, silent, halfPreface, prefaceOnly]) {
         expect(await within(s.closed, 15_000))
           .to.be.a("number")
           .within(9_000, 15_000);
@@ -121,6 +122,7 @@ describe("shutdown with idle and half-open connections", () => {
     const sockets = [
       rawSocket(address),
       rawSocket(address, "PRI * HTTP/2.0\r\n"),
+      rawSocket(address, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), // the whole preface, then nothing
       rawSocket(address, "GET /livez HTTP/1.1\r\nHost: x\r\n"),
       rawSocket(address, "GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"),
     ];

@@ -442,6 +442,27 @@ describe("WatchKeys and ListKeyChanges", () => {
       resumed.cancel();
     });
 
+    it("is not held back by a long transaction that writes no key, when a position goes missing", async () => {
+      const tenantId = newTenant();
+      const frozen = await insertKey(db.sql, { tenantId });
+      const stream = client.open("WatchKeys", { tenantId });
+      await stream.next();
+      const unrelated = await writer.reserve();
+      try {
+        await unrelated`begin`;
+        await unrelated`select pg_current_xact_id()`; // a transaction id, held open
+        // A position taken and never used (as by a failed commit).
+        await writer`select nextval('key_events_position')`;
+        await client.call("UpdateKeyFrozen", { tenantId, keyId: frozen });
+        const [change] = await changes(stream, 1, 2000);
+        expect(keyOf(change).id).to.equal(frozen);
+      } finally {
+        await unrelated`rollback`;
+        unrelated.release();
+      }
+      stream.cancel();
+    });
+
     it("lists in ListKeyChanges only what a stream resuming from its cursor cannot skip", async () => {
       const tenantId = newTenant();
       const held = await insertKey(db.sql, { tenantId });

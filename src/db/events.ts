@@ -95,7 +95,7 @@ export function laterPosition(a: bigint, b: bigint): bigint {
  * every position taken so far is committed or abandoned. Only a snapshot
  * (the feed's first head, a stream's initial state) takes it so, for the
  * moment that takes; the feed's reader never waits on it (see
- * runningTransactions). An arbitrary constant.
+ * positionHolders). An arbitrary constant.
  */
 const positionLockKey = 7_301_944_514n;
 
@@ -183,28 +183,36 @@ export async function readFeed(sql: Sql, position: bigint, limit: number, settle
 }
 
 /**
- * The transactions running now, for settling positions missing below one
- * that a read saw: such a position was taken before that read's snapshot
- * (a sequence hands out values in order, and the later value had committed),
- * so by a transaction that had committed (the position would have been
- * seen), had failed, or was running, and is then running now or has ended
- * since. Once every one of these has ended, a position still missing will
- * never come. Unlike waiting on the position lock, this holds back no writer.
+ * The transactions that may hold a position now, for settling positions
+ * missing below one that a read saw: every writer takes the position lock
+ * (shared) before its position and keeps it to its end, so a missing
+ * position was taken by one of the lock's holders of that moment, or by a
+ * transaction that has ended. Once none of them holds the lock any more, a
+ * position still missing will never come. Only this database's holders of
+ * this lock count: an unrelated long transaction holds back nothing.
+ * Transactions are told apart by their virtual id, which a prepared
+ * transaction keeps too. Unlike waiting on the lock, this holds back no
+ * writer.
  */
-export async function runningTransactions(sql: Sql): Promise<string[]> {
-  const rows = await sql<{ xid: string }[]>`select pg_snapshot_xip(pg_current_snapshot())::text as xid`;
-  return rows.map((r) => r.xid);
+export async function positionHolders(sql: Sql): Promise<string[]> {
+  const rows = await sql<{ holder: string }[]>`
+    select virtualtransaction as holder
+    from pg_locks
+    where locktype = 'advisory'
+      and database = (select oid from pg_database where datname = current_database())
+      and classid = ${String(positionLockKey >> 32n)}::oid
+      and objid = ${String(positionLockKey & 0xffffffffn)}::oid
+      and objsubid = 1
+      and granted
+  `;
+  return rows.map((r) => r.holder);
 }
 
-/** True once none of `transactions` (from runningTransactions) is still running. */
-export async function transactionsEnded(sql: Sql, transactions: readonly string[]): Promise<boolean> {
-  if (transactions.length === 0) return true;
-  const [row]: [{ running: number }?] = await sql`
-    select count(*)::int as running
-    from unnest(${arrayLiteral(transactions)}::xid8[]) as x
-    where pg_xact_status(x) = 'in progress'
-  `;
-  return row?.running === 0;
+/** True once none of `holders` (from positionHolders) holds the position lock. */
+export async function holdersEnded(sql: Sql, holders: readonly string[]): Promise<boolean> {
+  if (holders.length === 0) return true;
+  const now = await positionHolders(sql);
+  return !holders.some((h) => now.includes(h));
 }
 
 /** What a read of one scope's events found. */

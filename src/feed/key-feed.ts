@@ -4,11 +4,11 @@ import {
   type EventRow,
   type EventScope,
   type FeedRead,
+  holdersEnded,
   laterPosition,
+  positionHolders,
   readFeed,
-  runningTransactions,
   settledHead,
-  transactionsEnded,
 } from "../db/events.js";
 
 /**
@@ -174,9 +174,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
   // transaction that failed): events after it wait until it arrives, or
   // until every transaction that may hold it has ended (then it never will,
   // and positions up to the visible one missing then are passed over).
-  let missing:
-    | { position: bigint; visible: bigint; transactions: string[]; checkAt: number; waitMs: number }
-    | undefined;
+  let missing: { position: bigint; visible: bigint; holders: string[]; checkAt: number; waitMs: number } | undefined;
   let settledThrough = 0n;
   let recheck: NodeJS.Timeout | undefined;
 
@@ -197,7 +195,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
           if (position === undefined) position = await settledHead(sql);
           for (;;) {
             if (missing !== undefined && Date.now() >= missing.checkAt) {
-              if (await transactionsEnded(sql, missing.transactions)) {
+              if (await holdersEnded(sql, missing.holders)) {
                 settledThrough = laterPosition(settledThrough, missing.visible);
                 missing = undefined;
               } else {
@@ -212,7 +210,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
               if (missing?.position !== found.missing.position) {
                 missing = {
                   ...found.missing,
-                  transactions: await runningTransactions(sql),
+                  holders: await positionHolders(sql),
                   checkAt: Date.now() + firstSettleCheckMs,
                   waitMs: firstSettleCheckMs,
                 };

@@ -144,7 +144,8 @@ function unaryContext(service: DescService, method: DescMethod, call: grpc.Serve
   const timer = Number.isFinite(deadlineAt)
     ? setTimeout(
         () => end(new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded)),
-        Math.max(0, deadlineAt - Date.now()),
+        // A timer cannot wait longer than 2^31-1 ms; grpc-js passes such deadlines on.
+        Math.min(Math.max(0, deadlineAt - Date.now()), 2 ** 31 - 1),
       )
     : undefined;
   const cancelled = () => end(new ConnectError("the client cancelled the call", Code.Canceled));
