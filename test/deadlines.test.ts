@@ -3,10 +3,10 @@ import { expect } from "chai";
 import type { Sql } from "../src/db/client.js";
 import type { RunningService } from "../src/service.js";
 import { connectGrpcCaller, connectProtocolCaller, failure, grpcJsCaller, type JsonCaller } from "./support/clients.js";
-import { createTestDatabase, type TestDatabase } from "./support/database.js";
+import type { TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
-import { startFreezableProxy } from "./support/proxy.js";
-import { startTestService } from "./support/service.js";
+import type { FreezableProxy } from "./support/proxy.js";
+import { useServiceBehindFreezableProxy } from "./support/service.js";
 
 /** The service's statements still running on the server (not the listener's, not the probe's). */
 async function runningStatements(sql: Sql): Promise<string[]> {
@@ -32,22 +32,12 @@ function callsCounted(service: RunningService, method: string, code: string): nu
 }
 
 describe("a caller's deadline and cancel reach the database", () => {
+  const under = useServiceBehindFreezableProxy();
   let db: TestDatabase;
-  let proxy: Awaited<ReturnType<typeof startFreezableProxy>>;
+  let proxy: FreezableProxy;
   let service: RunningService;
-
-  before(async () => {
-    db = await createTestDatabase();
-    const url = new URL(db.url);
-    proxy = await startFreezableProxy(`${url.hostname}:${url.port}`);
-    url.host = proxy.address;
-    service = await startTestService(url.toString(), { pageTokenSecret: new Uint8Array(32) });
-  });
-  after(async () => {
-    proxy?.resume();
-    await service?.close(1000);
-    await proxy?.close();
-    await db?.drop();
+  before(() => {
+    ({ db, proxy, service } = under);
   });
 
   for (const makeCaller of [grpcJsCaller, connectGrpcCaller, connectProtocolCaller]) {

@@ -4,9 +4,9 @@ import { expect } from "chai";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.js";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import type { RunningService } from "../src/service.js";
-import { createTestDatabase, type TestDatabase } from "./support/database.js";
-import { startFreezableProxy } from "./support/proxy.js";
-import { startTestService } from "./support/service.js";
+import type { TestDatabase } from "./support/database.js";
+import type { FreezableProxy } from "./support/proxy.js";
+import { startTestService, useServiceBehindFreezableProxy } from "./support/service.js";
 
 /** The statuses a Health.Watch stream sends, as they come. */
 function watch(address: string, service: string) {
@@ -58,22 +58,12 @@ async function http(address: string, path: string) {
 }
 
 describe("health", () => {
+  const under = useServiceBehindFreezableProxy();
   let db: TestDatabase;
-  let proxy: Awaited<ReturnType<typeof startFreezableProxy>>;
+  let proxy: FreezableProxy;
   let service: RunningService;
-
-  before(async () => {
-    db = await createTestDatabase();
-    const url = new URL(db.url);
-    proxy = await startFreezableProxy(`${url.hostname}:${url.port}`);
-    url.host = proxy.address;
-    service = await startTestService(url.toString(), { pageTokenSecret: new Uint8Array(32) });
-  });
-  after(async () => {
-    proxy?.resume();
-    await service?.close(1000);
-    await proxy?.close();
-    await db?.drop();
+  before(() => {
+    ({ db, proxy, service } = under);
   });
 
   it("answers Check for the server and for KeysDriverService, and NOT_FOUND for another service", async () => {

@@ -1,12 +1,20 @@
 import net from "node:net";
 
+/** A proxy whose traffic a test can stop and start. */
+export interface FreezableProxy {
+  readonly address: string;
+  pause(): void;
+  resume(): void;
+  close(): Promise<void>;
+}
+
 /**
  * A TCP proxy to `target` ("host:port") that a test can freeze: `pause()`
  * stops moving bytes both ways on every connection and holds new ones,
  * as a stopped database process does (SIGSTOP), and `resume()` lets them
  * flow again.
  */
-export async function startFreezableProxy(target: string) {
+export async function startFreezableProxy(target: string): Promise<FreezableProxy> {
   const [host, port] = target.split(":") as [string, string];
   const pairs = new Set<[net.Socket, net.Socket]>();
   let paused = false;

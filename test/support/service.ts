@@ -1,5 +1,6 @@
 import { type RunningService, type ServiceConfig, type ServiceHooks, startService } from "../../src/service.js";
 import { createTestDatabase, type TestDatabase } from "./database.js";
+import { type FreezableProxy, startFreezableProxy } from "./proxy.js";
 
 /**
  * The real service on a free port over the database at `databaseUrl`,
@@ -55,4 +56,34 @@ export function useTestService(settings: Partial<Omit<ServiceConfig, "databaseUr
       return state.server;
     },
   };
+}
+
+/** A suite's service whose database connections pass through a proxy the test can freeze. */
+export interface FrozenDatabaseUnderTest {
+  readonly db: TestDatabase;
+  readonly proxy: FreezableProxy;
+  readonly service: RunningService;
+}
+
+/**
+ * Registers mocha hooks that give the calling suite a fresh database and the
+ * real service on it, reaching it through startFreezableProxy (to stop the
+ * database as SIGSTOP would, without touching the server others share).
+ */
+export function useServiceBehindFreezableProxy(): FrozenDatabaseUnderTest {
+  const state = {} as { db: TestDatabase; proxy: FreezableProxy; service: RunningService };
+  before(async () => {
+    state.db = await createTestDatabase();
+    const url = new URL(state.db.url);
+    state.proxy = await startFreezableProxy(`${url.hostname}:${url.port}`);
+    url.host = state.proxy.address;
+    state.service = await startTestService(url.toString(), { pageTokenSecret: new Uint8Array(32) });
+  });
+  after(async () => {
+    state.proxy?.resume();
+    await state.service?.close(1000);
+    await state.proxy?.close();
+    await state.db?.drop();
+  });
+  return state;
 }
