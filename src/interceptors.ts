@@ -81,8 +81,8 @@ const deadlinePassed = () => new ConnectError("the deadline passed before the ca
  * deadline passed, or the client cancelled): the call ends then, with
  * DEADLINE_EXCEEDED or CANCELLED, and every statement `work` started is
  * cancelled (cancellingStatements); what `work` does after that is ignored.
- * The statements' signal follows the call's only while `work` runs, so a
- * call that has ended cancels nothing it left behind on purpose.
+ * The statements are tied to the call only while `work` runs, so a call
+ * that has ended cancels nothing it left behind on purpose.
  */
 function untilAborted<T>(context: HandlerContext, work: () => Promise<T>): Promise<T> {
   // The client gives up at its deadline too, and its cancel can arrive

@@ -186,9 +186,10 @@ interface CancellableQuery {
   canceller?: ((query: unknown) => Promise<void> | undefined) | null;
 }
 
-function cancelOnAbort(query: PendingQuery & CancellableQuery, scope: StatementScope): void {
+// Cancels `query` when `scope` aborts; returns how to stop that once it settles.
+function cancelOnAbort(query: PendingQuery & CancellableQuery, scope: StatementScope): () => void {
   if (scope.aborted) throw scope.reason;
-  const stop = scope.onAbort(() => {
+  return scope.onAbort(() => {
     // A query never handed to the pool (a fragment of another, or one not
     // awaited) is left alone. postgres.js's own cancel() drops the promise
     // of the CancelRequest's connection, whose failure (a database that
@@ -198,26 +199,22 @@ function cancelOnAbort(query: PendingQuery & CancellableQuery, scope: StatementS
     query.canceller = null;
     void cancel(query)?.catch(() => {});
   });
-  const { resolve, reject } = query;
-  query.resolve = (result) => {
-    stop();
-    resolve(result);
-  };
-  query.reject = (error) => {
-    stop();
-    reject(error);
-  };
 }
 
 function checkQuery(query: unknown): void {
   if (!isPendingQuery(query)) return;
   const scope = callScopes.getStore();
-  if (scope) cancelOnAbort(query, scope);
+  const stop = scope ? cancelOnAbort(query, scope) : undefined;
   const { resolve, reject } = query;
   query.resolve = (result) => {
+    stop?.();
     const mismatch = checkResult(result);
     if (mismatch) reject(mismatch);
     else resolve(result);
+  };
+  query.reject = (error) => {
+    stop?.();
+    reject(error);
   };
 }
 
