@@ -1,7 +1,7 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import { cancellingStatements, StatementScope } from "./db/client.js";
-import { type ErrorLogger, toConnectError } from "./errors.js";
+import { codeName, type ErrorLogger, toConnectError } from "./errors.js";
 import type { Metrics } from "./metrics.js";
 import { rejectMalformed } from "./transport/malformed.js";
 
@@ -20,19 +20,6 @@ export interface CallObservers {
   readonly metrics?: Metrics;
   /** Told the cause of every INTERNAL or UNAVAILABLE answer. */
   readonly logError?: ErrorLogger;
-}
-
-// "InvalidArgument" → "INVALID_ARGUMENT", the names gRPC tooling shows.
-const codeNames = new Map(
-  Object.entries(Code)
-    .filter(([, v]) => typeof v === "number")
-    .map(([name, v]) => [v as Code, name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase()]),
-);
-codeNames.set(Code.Canceled, "CANCELLED"); // gRPC's spelling
-
-/** The gRPC name of a status code, e.g. "NOT_FOUND". */
-export function codeName(code: Code): string {
-  return codeNames.get(code) ?? String(code);
 }
 
 /** One call being observed: its failure mapped to a status, its end counted. */
@@ -71,8 +58,13 @@ interface CallEndSource {
   [onCallEnd](listener: (reason: unknown) => void): void;
 }
 
-/** How close to its deadline a cancelled call counts as ended by it. */
-const deadlineSlackMs = 20;
+/**
+ * How close to its deadline a cancelled call counts as ended by it. The
+ * server's deadline starts when it reads the request, the client's when it
+ * sends it: on a new connection, the client's timer can fire tens of
+ * milliseconds before the server's.
+ */
+const deadlineSlackMs = 100;
 
 const deadlinePassed = () => new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded);
 

@@ -1,4 +1,5 @@
 import http from "node:http";
+import http2 from "node:http2";
 import net from "node:net";
 import type { DescService } from "@bufbuild/protobuf";
 import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
@@ -91,6 +92,60 @@ function clampTimeouts(headers: http.IncomingHttpHeaders): void {
   }
 }
 
+/**
+ * connect-node refuses a request body over the size limit before reading it
+ * all, and stops reading by destroying the request, which resets the
+ * socket. An answer sent before its request was read whole therefore says
+ * `Connection: close`: a client must not send its next request on that
+ * connection (it would fail with ECONNRESET).
+ */
+function closeIfAnsweredUnread(req: http.IncomingMessage, res: http.ServerResponse): void {
+  const writeHead = res.writeHead;
+  res.writeHead = function (this: http.ServerResponse, ...args: Parameters<typeof writeHead>) {
+    if (!req.complete) this.setHeader("connection", "close");
+    return writeHead.apply(this, args);
+  } as typeof writeHead;
+}
+
+type HttpResponse = http.ServerResponse | http2.Http2ServerResponse;
+
+/** The gRPC protocol's content types; gRPC-Web's ("application/grpc-web…") are not among them. */
+function isGrpc(contentType: string | undefined): boolean {
+  if (contentType === undefined || !contentType.startsWith("application/grpc")) return false;
+  const next = contentType.charAt("application/grpc".length);
+  return next === "" || next === "+" || next === ";";
+}
+
+/**
+ * grpc-js owns every HTTP/2 connection (it is the fast path for gRPC), but a
+ * connect-go, connect-kotlin or connect-swift client speaks the Connect
+ * protocol over HTTP/2 too, as browsers' gRPC-Web can. grpc-js checks each
+ * stream's content type before anything else (after counting the stream for
+ * its idle timeout) and answers 415 to what is not gRPC; here, that check
+ * hands every other stream to `serve` (connect-node) as a request of Node's
+ * HTTP/2 compatibility API, built the way Node's own HTTP/2 server does. The
+ * split is per request, so one connection can carry both.
+ */
+function serveNonGrpcStreams(
+  server: grpc.Server,
+  serve: (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void,
+): void {
+  const check = server as unknown as {
+    _verifyContentType?: (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => boolean;
+  };
+  if (typeof check._verifyContentType !== "function") {
+    throw new Error("@grpc/grpc-js changed: Server._verifyContentType, which src/server.ts replaces, is gone");
+  }
+  check._verifyContentType = (stream, headers) => {
+    if (isGrpc(headers["content-type"])) return true;
+    const rawHeaders = Object.entries(headers).flatMap(([name, value]) =>
+      Array.isArray(value) ? value.flatMap((v) => [name, v]) : [name, String(value)],
+    );
+    serve(new http2.Http2ServerRequest(stream, headers, {}, rawHeaders), new http2.Http2ServerResponse(stream));
+    return false;
+  };
+}
+
 /** An HTTP/2 frame's header: a client's first SETTINGS frame follows the preface. */
 const frameHeaderLength = 9;
 
@@ -98,11 +153,12 @@ const frameHeaderLength = 9;
 const firstBytesTimeoutMs = 10_000;
 
 /**
- * Serves KeysDriverService on one port: HTTP/2 connections (the gRPC
- * protocol, h2c) go to a grpc-js server, HTTP/1.1 connections (Connect and
- * gRPC-Web) to connect-node. Both call the same handlers. The split is by
- * connection, from its first bytes: grpc-js serves gRPC at a fraction of
- * connect-node's cost per call (see docs/DESIGN.md).
+ * Serves KeysDriverService on one port: HTTP/2 connections (h2c) go to a
+ * grpc-js server, HTTP/1.1 connections (Connect and gRPC-Web) to
+ * connect-node; on HTTP/2, the requests that are not gRPC (Connect,
+ * gRPC-Web) are handed on to connect-node too. Both call the same handlers.
+ * grpc-js serves gRPC at a fraction of connect-node's cost per call (see
+ * docs/DESIGN.md).
  */
 export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   assertConnectFixed();
@@ -141,23 +197,27 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // Plain HTTP for probes and scrapers beside the rpcs: GET /livez (the
   // process answers), GET /readyz and /healthz (it can serve calls: not
   // while draining, nor while the database is out of reach), GET /metrics.
+  // The rest is connect-node's: Connect and gRPC-Web, on HTTP/1.1 and HTTP/2.
+  const serveHttp = (req: http.IncomingMessage | http2.Http2ServerRequest, res: HttpResponse) => {
+    const path = req.url?.split("?")[0];
+    if (req.method === "GET" && path === "/livez") {
+      res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
+    } else if (req.method === "GET" && (path === "/readyz" || path === "/healthz")) {
+      const problem = deps.health.problem;
+      res.writeHead(problem ? 503 : 200, { "content-type": "text/plain" }).end(`${problem ?? "ok"}\n`);
+    } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
+      res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
+    } else {
+      clampTimeouts(req.headers);
+      if (res instanceof http.ServerResponse) closeIfAnsweredUnread(req as http.IncomingMessage, res);
+      connectHandler(req, res);
+    }
+  };
   const httpServer = http.createServer(
     { headersTimeout: headersTimeoutMs, requestTimeout: requestTimeoutMs, connectionsCheckingInterval: 1000 },
-    (req, res) => {
-      const path = req.url?.split("?")[0];
-      if (req.method === "GET" && path === "/livez") {
-        res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
-      } else if (req.method === "GET" && (path === "/readyz" || path === "/healthz")) {
-        const problem = deps.health.problem;
-        res.writeHead(problem ? 503 : 200, { "content-type": "text/plain" }).end(`${problem ?? "ok"}\n`);
-      } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
-        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
-      } else {
-        clampTimeouts(req.headers);
-        connectHandler(req, res);
-      }
-    },
+    serveHttp,
   );
+  serveNonGrpcStreams(grpcServer, serveHttp);
 
   // Node tracks an HTTP server's connections (for the header and request
   // timeouts above, closeIdleConnections and closeAllConnections) from the

@@ -1,12 +1,75 @@
+import http2 from "node:http2";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
+import { FetchKeyByIdRequestSchema, FetchKeyByIdResponseSchema } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import type { RunningService } from "../src/service.js";
-import { connectProtocolCaller, grpcJsCaller, grpcWebCaller, RpcError } from "./support/clients.js";
+import {
+  connectHttp2Caller,
+  connectProtocolCaller,
+  failure,
+  grpcJsCaller,
+  grpcWebCaller,
+  grpcWebHttp2Caller,
+  RpcError,
+} from "./support/clients.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
 import { startTestService, useTestService } from "./support/service.js";
 
 describe("one port for every protocol", () => {
   const service = useTestService();
+
+  for (const makeCaller of [connectHttp2Caller, grpcWebHttp2Caller]) {
+    it(`serves ${makeCaller === grpcWebHttp2Caller ? "gRPC-Web" : "the Connect protocol"} over HTTP/2 (prior knowledge)`, async () => {
+      const client = makeCaller(service.server.address);
+      const tenantId = newTenant();
+      const keyId = await insertKey(service.db.sql, { tenantId, name: "h2" });
+      const res = await client.call("FetchKeyById", { tenantId, keyId });
+      expect(res.key).to.include({ id: keyId, name: "h2" });
+      const err = await failure(client.call("FetchKeyById", { tenantId: newTenant(), keyId }));
+      expect(err.code).to.equal(Code.NotFound);
+    });
+  }
+
+  it("tells gRPC from Connect per request, so one HTTP/2 connection carries both", async () => {
+    const tenantId = newTenant();
+    const keyId = await insertKey(service.db.sql, { tenantId, name: "both" });
+    const session = http2.connect(`http://${service.server.address}`);
+    const request = (headers: http2.OutgoingHttpHeaders, body: Buffer) =>
+      new Promise<{ headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders; body: Buffer }>(
+        (resolve, reject) => {
+          const stream = session.request({ ":method": "POST", ...headers });
+          let responseHeaders: http2.IncomingHttpHeaders = {};
+          let trailers: http2.IncomingHttpHeaders = {};
+          const chunks: Buffer[] = [];
+          stream.on("response", (h) => (responseHeaders = h));
+          stream.on("trailers", (t) => (trailers = t));
+          stream.on("data", (c: Buffer) => chunks.push(c));
+          stream.on("end", () => resolve({ headers: responseHeaders, trailers, body: Buffer.concat(chunks) }));
+          stream.on("error", reject);
+          stream.end(body);
+        },
+      );
+    try {
+      const path = "/keysdriver.v1.KeysDriverService/FetchKeyById";
+      const message = toBinary(FetchKeyByIdRequestSchema, create(FetchKeyByIdRequestSchema, { tenantId, keyId }));
+      const frame = Buffer.concat([Buffer.from([0, 0, 0, 0, message.length]), message]);
+      const [grpcAnswer, connectAnswer] = await Promise.all([
+        request({ ":path": path, "content-type": "application/grpc", te: "trailers" }, frame),
+        request(
+          { ":path": path, "content-type": "application/json" },
+          Buffer.from(JSON.stringify({ tenantId, keyId })),
+        ),
+      ]);
+      expect(grpcAnswer.trailers["grpc-status"]).to.equal("0");
+      const decoded = fromBinary(FetchKeyByIdResponseSchema, grpcAnswer.body.subarray(5));
+      expect(decoded.key?.name).to.equal("both");
+      expect(connectAnswer.headers[":status"]).to.equal(200);
+      expect(JSON.parse(connectAnswer.body.toString()).key).to.include({ id: keyId, name: "both" });
+    } finally {
+      session.close();
+    }
+  });
 
   for (const makeCaller of [connectProtocolCaller, grpcWebCaller]) {
     it(`serves ${makeCaller === grpcWebCaller ? "gRPC-Web" : "the Connect protocol"} over HTTP/1.1 on the gRPC port`, async () => {

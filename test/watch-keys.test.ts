@@ -8,10 +8,12 @@ import { pruneKeyEvents } from "../src/jobs/prune-key-events.js";
 import type { RunningService } from "../src/service.js";
 import {
   connectGrpcCaller,
+  connectHttp2Caller,
   connectProtocolCaller,
   failure,
   grpcJsCaller,
   grpcWebCaller,
+  grpcWebHttp2Caller,
   type JsonCaller,
   type OpenStream,
   RpcError,
@@ -693,10 +695,11 @@ describe("WatchKeys and ListKeyChanges", () => {
       stream.cancel();
     });
 
-    it("serves the same stream over Connect and gRPC-Web", async () => {
+    it("serves the same stream over Connect and gRPC-Web, on HTTP/1.1 and HTTP/2", async () => {
       const tenantId = newTenant();
       const keyId = await insertKey(db.sql, { tenantId });
-      for (const caller of [connectProtocolCaller(service.address), grpcWebCaller(service.address)]) {
+      const callers = [connectProtocolCaller, grpcWebCaller, connectHttp2Caller, grpcWebHttp2Caller];
+      for (const caller of callers.map((make) => make(service.address))) {
         const stream = caller.open("WatchKeys", { tenantId, sendInitialState: true });
         expect(((await stream.next()) as JsonObject).current).to.include({ id: keyId });
         expect(((await stream.next()) as JsonObject).marker).to.equal("WATCH_MARKER_SYNCED");

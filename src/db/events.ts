@@ -1,4 +1,5 @@
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code } from "@connectrpc/connect";
+import { rpcError } from "../errors.js";
 import type { Micros } from "../micros.js";
 import { arrayLiteral, type Sql } from "./client.js";
 import { type KeyRow, keyColumns } from "./keys.js";
@@ -276,7 +277,10 @@ export async function* fetchKeysAtSnapshot(
       await tx`select pg_advisory_lock(${positionLockKey.toString()}::int8)`;
     } catch (err) {
       if (!isLockTimeout(err)) throw err;
-      throw new ConnectError("a change to the keys is taking long to commit; retry", Code.Unavailable);
+      throw rpcError(Code.Unavailable, "a change to the keys is taking long to commit; retry", {
+        reason: "WRITE_CONTENDED",
+        retryAfterMs: 100,
+      });
     } finally {
       await tx`reset lock_timeout`;
     }

@@ -1,4 +1,4 @@
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, type ConnectError } from "@connectrpc/connect";
 import { detachedFromCall, isStrayCancel, type Sql } from "../db/client.js";
 import {
   type EventRow,
@@ -10,6 +10,7 @@ import {
   readFeed,
   settledHead,
 } from "../db/events.js";
+import { rpcError } from "../errors.js";
 
 /**
  * The process's one reader of key_events: it listens for the database's
@@ -110,9 +111,10 @@ class QueuedSubscription implements Subscription {
     if (this.queue.length === queued) return;
     if (this.queue.length > this.maxQueued) {
       this.fail(
-        new ConnectError(
-          `the stream fell more than ${this.maxQueued} changes behind; resume from the last cursor received`,
+        rpcError(
           Code.ResourceExhausted,
+          `the stream fell more than ${this.maxQueued} changes behind; resume from the last cursor received`,
+          { reason: "STREAM_FELL_BEHIND", retryAfterMs: 0, metadata: { max_queued: String(this.maxQueued) } },
         ),
       );
     }
@@ -161,6 +163,12 @@ class QueuedSubscription implements Subscription {
  * need not be reachable yet: until the feed has read the head once,
  * subscribing fails with UNAVAILABLE, and the feed keeps trying.
  */
+const feedNotReady = () =>
+  rpcError(Code.Unavailable, "the feed of key changes is not available yet; retry", {
+    reason: "FEED_NOT_READY",
+    retryAfterMs: 1000,
+  });
+
 export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
   const subscribers = new Set<QueuedSubscription>();
   let position: bigint | undefined;
@@ -270,7 +278,10 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
   poll.unref();
 
   const endSubscriptions = () => {
-    const shutdown = new ConnectError("the server is shutting down; reconnect with the last cursor", Code.Unavailable);
+    const shutdown = rpcError(Code.Unavailable, "the server is shutting down; reconnect with the last cursor", {
+      reason: "SHUTTING_DOWN",
+      retryAfterMs: 0,
+    });
     for (const s of subscribers) s.fail(shutdown);
   };
   return {
@@ -286,7 +297,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
     subscribe(scope, maxQueued) {
       if (position === undefined) {
         void read();
-        throw new ConnectError("the feed of key changes is not available yet; retry", Code.Unavailable);
+        throw feedNotReady();
       }
       const subscription = new QueuedSubscription(position, scope, maxQueued, (s) => subscribers.delete(s));
       subscribers.add(subscription);
@@ -298,7 +309,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
     async readNow() {
       await read();
       if (position === undefined) {
-        throw new ConnectError("the feed of key changes is not available yet; retry", Code.Unavailable);
+        throw feedNotReady();
       }
       return position;
     },

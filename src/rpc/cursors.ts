@@ -38,7 +38,7 @@ export function createPositionTokens(signer: TokenSigner): PositionTokens {
   const decode = (context: string, token: string, field: string, what: string) => {
     const payload = signer.verify(context, token);
     if (payload?.length !== 9 || payload.readUInt8(0) !== formatVersion) {
-      throw invalidArgument(field, `is not ${what} this service issued`);
+      throw invalidArgument(field, `is not ${what} this service issued`, "INVALID_CURSOR");
     }
     return payload.readBigInt64BE(1);
   };

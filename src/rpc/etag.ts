@@ -29,7 +29,7 @@ export function parseEtag(keyId: string, etag: string): bigint | undefined {
   const match = /^(\d{1,19})\.([0-9a-z]{7})$/.exec(etag);
   const version = match?.[1] === undefined ? undefined : BigInt(match[1]);
   if (version === undefined || match?.[2] !== tag(keyId, version)) {
-    throw invalidArgument("etag", "is not an etag of this key (take it from FetchKeyForUpdate)");
+    throw invalidArgument("etag", "is not an etag of this key (take it from FetchKeyForUpdate)", "INVALID_ETAG");
   }
   return version;
 }

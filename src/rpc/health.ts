@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   type Health,
   type HealthCheckResponse,
@@ -7,6 +7,7 @@ import {
   HealthCheckResponse_ServingStatus as ServingStatus,
 } from "../../gen/grpc/health/v1/health_pb.js";
 import { KeysDriverService } from "../../gen/keysdriver/v1/keys_driver_pb.js";
+import { rpcError } from "../errors.js";
 
 const knownServices = new Set(["", KeysDriverService.typeName]);
 
@@ -80,7 +81,8 @@ export function createHealthService(state: HealthState) {
   };
   return {
     async check(req) {
-      if (!knownServices.has(req.service)) throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
+      if (!knownServices.has(req.service))
+        throw rpcError(Code.NotFound, `unknown service ${req.service}`, { reason: "SERVICE_NOT_FOUND" });
       return create(HealthCheckResponseSchema, { status: statusOf(req.service) });
     },
     async *watch(req, context: HandlerContext): AsyncGenerator<HealthCheckResponse> {

@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
+import { Code, type ServiceImpl } from "@connectrpc/connect";
 import {
   CountKeysResponseSchema,
   FetchKeyByIdResponseSchema,
@@ -12,7 +12,7 @@ import {
   UpdateKeyUnfrozenResponseSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 import type { FreezeOutcome, Store } from "../db/store.js";
-import { invalidArgument, notFound } from "../errors.js";
+import { invalidArgument, notFound, rpcError } from "../errors.js";
 import type { KeyFeed } from "../feed/key-feed.js";
 import type { PositionTokens } from "./cursors.js";
 import { parseEtag } from "./etag.js";
@@ -33,7 +33,9 @@ function freezeResult(outcome: FreezeOutcome) {
     case "not_found":
       throw notFound("key");
     case "stale":
-      throw new ConnectError("etag is stale: the key changed since it was read; nothing was written", Code.Aborted);
+      throw rpcError(Code.Aborted, "etag is stale: the key changed since it was read; nothing was written", {
+        reason: "ETAG_MISMATCH",
+      });
     case "done":
       return { key: keySnapshot(outcome.key), changed: outcome.changed };
   }

@@ -42,7 +42,11 @@ export function createPageTokenCodec(signer: TokenSigner): PageTokenCodec {
     decode(tenantId, token) {
       const payload = signer.verify(context(tenantId), token);
       if (!payload || payload.length !== payloadLength || payload.readUInt8(0) !== formatVersion) {
-        throw invalidArgument("page_token", "is not a page token this service issued for this tenant and query");
+        throw invalidArgument(
+          "page_token",
+          "is not a page token this service issued for this tenant and query",
+          "INVALID_PAGE_TOKEN",
+        );
       }
       return { createdAtUs: payload.readBigInt64BE(1), id: bytesToUuid(payload.subarray(9, 25)) };
     },

@@ -1,5 +1,5 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
+import { Code, type HandlerContext } from "@connectrpc/connect";
 import {
   type KeyChange,
   KeyChangeKind,
@@ -11,7 +11,7 @@ import {
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 import { laterPosition } from "../db/events.js";
 import type { EventRow, EventScope, Store } from "../db/store.js";
-import { invalidArgument } from "../errors.js";
+import { invalidArgument, rpcError } from "../errors.js";
 import type { KeyFeed } from "../feed/key-feed.js";
 import type { PositionTokens } from "./cursors.js";
 import { keySnapshot, timestampFromMicros } from "./snapshots.js";
@@ -53,9 +53,10 @@ export function keyChange(event: EventRow, cursor: string): KeyChange {
 }
 
 const tooOld = () =>
-  new ConnectError(
-    "resume_cursor is older than the retained history of changes: list the keys again (or watch with send_initial_state), then watch from the new cursor",
+  rpcError(
     Code.OutOfRange,
+    "resume_cursor is older than the retained history of changes: list the keys again (or watch with send_initial_state), then watch from the new cursor",
+    { reason: "CURSOR_EXPIRED" },
   );
 
 /** What a WatchKeys request asks to watch; INVALID_ARGUMENT naming the field otherwise. */
@@ -169,9 +170,10 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
         if (resumeFrom < bounds.prunedThrough) throw tooOld();
         if (resumeFrom > bounds.head) {
           // Positions this database never reached: it was restored from an older backup.
-          throw new ConnectError(
-            "resume_cursor is ahead of this database's history of changes: list the keys again (or watch with send_initial_state)",
+          throw rpcError(
             Code.OutOfRange,
+            "resume_cursor is ahead of this database's history of changes: list the keys again (or watch with send_initial_state)",
+            { reason: "CURSOR_AHEAD_OF_HISTORY" },
           );
         }
         // Up to where the feed has read, from the table; after that, from the feed.
@@ -198,9 +200,10 @@ export function createWatchKeys(store: Store, feed: KeyFeed, tokens: PositionTok
           // cannot read the table. Reconnecting finds a healthy replica, or
           // fails visibly.
           if (feed.failing) {
-            throw new ConnectError(
-              "the feed of key changes cannot read the database; reconnect with the last cursor",
+            throw rpcError(
               Code.Unavailable,
+              "the feed of key changes cannot read the database; reconnect with the last cursor",
+              { reason: "FEED_UNAVAILABLE", retryAfterMs: 1000 },
             );
           }
           through = laterPosition(through, subscription.through);

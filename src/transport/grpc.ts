@@ -1,7 +1,11 @@
 import type { DescMessage, DescMethod, DescService, MessageShape } from "@bufbuild/protobuf";
-import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { anyPack } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type ContextValues, createContextValues, type HandlerContext } from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
+import * as serverInterceptors from "@grpc/grpc-js/build/src/server-interceptors.js";
+import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
+import { withErrorDetails } from "../errors.js";
 import { onCallEnd } from "../interceptors.js";
 import { malformedRequest } from "./malformed.js";
 
@@ -45,11 +49,65 @@ function sharedSerializer<D extends DescMessage>(schema: D) {
 
 // Handlers reach this point wrapped (src/interceptors.ts), so what they
 // throw is already the ConnectError for the caller. connect's Code numbers
-// are gRPC's status codes; the message goes out as the status details text.
+// are gRPC's status codes; the message goes out as the status details text
+// and the google.rpc details in grpc-status-details-bin.
 function toServiceError(err: unknown): Partial<grpc.ServiceError> {
-  const error = ConnectError.from(err);
-  return { code: error.code as number as grpc.status, details: error.rawMessage };
+  const error = withErrorDetails(ConnectError.from(err));
+  return { code: error.code as number as grpc.status, details: error.rawMessage, metadata: statusMetadata(error) };
 }
+
+const statusDetailsKey = "grpc-status-details-bin";
+
+function statusMetadata(error: ConnectError): grpc.Metadata {
+  const status = create(StatusSchema, {
+    code: error.code,
+    message: error.rawMessage,
+    details: error.details.map((d) =>
+      "desc" in d
+        ? anyPack(d.desc, create(d.desc, d.value))
+        : { typeUrl: `type.googleapis.com/${d.type}`, value: d.value },
+    ),
+  });
+  const metadata = new grpc.Metadata();
+  metadata.set(statusDetailsKey, Buffer.from(toBinary(StatusSchema, status)));
+  return metadata;
+}
+
+// A status grpc-js made itself, with the details every error carries added.
+function withStatusDetails<S extends { code: grpc.status; details?: string; metadata?: grpc.Metadata | null }>(
+  status: S,
+): S {
+  if (status.code === grpc.status.OK || status.metadata?.get(statusDetailsKey).length) return status;
+  const error = withErrorDetails(new ConnectError(status.details ?? "", status.code as number as Code));
+  const metadata = status.metadata?.clone() ?? new grpc.Metadata();
+  metadata.merge(statusMetadata(error));
+  return { ...status, metadata };
+}
+
+// grpc-js answers some calls itself, never reaching a handler: a message over
+// the size limit, a deadline that passes first, a body it cannot decompress
+// (all through its call object's sendStatus), an unknown method (through its
+// server's _respondWithError). There, a status without details gets the ones
+// every error carries.
+function addDetailsToEveryStatus(): void {
+  const targets = [
+    [serverInterceptors.BaseServerInterceptingCall?.prototype, "sendStatus"],
+    [grpc.Server.prototype, "_respondWithError"],
+  ] as const;
+  for (const [target, name] of targets) {
+    const methods = target as unknown as Record<string, unknown> | undefined;
+    const original = methods?.[name];
+    if (!methods || typeof original !== "function") {
+      throw new Error(`@grpc/grpc-js changed: ${name}, which src/transport/grpc.ts wraps, is gone`);
+    }
+    if ((original as { withDetails?: true }).withDetails) continue;
+    const wrapped = function (this: unknown, status: grpc.StatusObject, ...rest: unknown[]) {
+      return original.call(this, withStatusDetails(status), ...rest);
+    };
+    methods[name] = Object.assign(wrapped, { withDetails: true as const });
+  }
+}
+addDetailsToEveryStatus();
 
 /**
  * A server-streaming handler served by grpc-js: the handler gets a context

@@ -17,7 +17,7 @@ export function malformedRequest(problem: string): object {
 export function rejectMalformed(request: unknown, typeName: string): void {
   if (typeof request === "object" && request !== null && malformedKey in request) {
     const problem = String((request as Record<symbol, unknown>)[malformedKey]);
-    throw invalidArgument("request body", `is not a valid ${typeName} message (${problem})`);
+    throw invalidArgument("", `the request body is not a valid ${typeName} message (${problem})`, "MALFORMED_REQUEST");
   }
 }
 
@@ -26,9 +26,9 @@ export function assertConnectFixed(): void {
   const patched = (globalThis as Record<symbol, Set<string> | undefined>)[
     Symbol.for("keys-driver-service.connect-fixes")
   ];
-  if (!patched?.has("serialization.js")) {
+  if (!["serialization.js", "error-json.js", "trailer-status.js"].every((name) => patched?.has(name))) {
     throw new Error(
-      "@connectrpc/connect was loaded without the fix in src/transport/connect-fixes.js: " +
+      "@connectrpc/connect was loaded without the fixes in src/transport/connect-fixes.js: " +
         "start node with --import ./src/preload.js (as npm start does)",
     );
   }

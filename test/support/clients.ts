@@ -1,10 +1,21 @@
 import path from "node:path";
-import { create, type DescMessage, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
+import {
+  create,
+  type DescMessage,
+  fromBinary,
+  fromJson,
+  type JsonObject,
+  type JsonValue,
+  type MessageShape,
+  toBinary,
+  toJson,
+} from "@bufbuild/protobuf";
 import { TimestampSchema } from "@bufbuild/protobuf/wkt";
 import { type Client, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
+import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
 import { KeysDriverService } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 
 /** The RpcError a call fails with; fails the test if it succeeds. */
@@ -18,14 +29,33 @@ export async function failure(promise: Promise<unknown>): Promise<RpcError> {
   throw new Error("expected the call to fail, but it succeeded");
 }
 
+/** A google.rpc detail as it arrived: its type name and its encoded message. */
+export interface RawDetail {
+  readonly type: string;
+  readonly value: Uint8Array;
+}
+
 /** The status a call ended with when it did not succeed. */
 export class RpcError extends Error {
   constructor(
     readonly code: number,
     readonly rawMessage: string,
+    readonly details: readonly RawDetail[] = [],
   ) {
     super(`rpc failed with code ${code}: ${rawMessage}`);
   }
+
+  /** The details of one type, decoded. */
+  find<D extends DescMessage>(schema: D): MessageShape<D>[] {
+    return this.details.filter((d) => d.type === schema.typeName).map((d) => fromBinary(schema, d.value));
+  }
+}
+
+/** The details of a grpc-status-details-bin trailer (a google.rpc.Status), as any gRPC client reads them. */
+export function detailsOfStatus(bin: Uint8Array | undefined): RawDetail[] {
+  if (!bin) return [];
+  const status = fromBinary(StatusSchema, bin);
+  return status.details.map((any) => ({ type: any.typeUrl.slice(any.typeUrl.lastIndexOf("/") + 1), value: any.value }));
 }
 
 /**
@@ -83,7 +113,12 @@ function asJson(schema: DescMessage, message: unknown): JsonObject {
 export function connectCaller(name: string, transport: Transport): JsonCaller {
   const client: Client<typeof KeysDriverService> = createClient(KeysDriverService, transport);
   const rethrow = (err: unknown): never => {
-    if (err instanceof ConnectError) throw new RpcError(err.code, err.rawMessage);
+    if (err instanceof ConnectError) {
+      const details = err.details.map((d) =>
+        "desc" in d ? { type: d.desc.typeName, value: toBinary(d.desc, create(d.desc, d.value)) } : d,
+      );
+      throw new RpcError(err.code, err.rawMessage, details);
+    }
     throw err;
   };
   return {
@@ -152,6 +187,22 @@ export function connectProtocolCaller(address: string): JsonCaller {
   );
 }
 
+/** connect-node speaking the Connect protocol over HTTP/2 (prior knowledge), as connect-go's and connect-kotlin's clients do. */
+export function connectHttp2Caller(address: string): JsonCaller {
+  return connectCaller(
+    "connect-node Connect over HTTP/2",
+    createConnectTransport({ baseUrl: `http://${address}`, httpVersion: "2" }),
+  );
+}
+
+/** connect-node speaking gRPC-Web over HTTP/2. */
+export function grpcWebHttp2Caller(address: string): JsonCaller {
+  return connectCaller(
+    "connect-node gRPC-Web over HTTP/2",
+    createGrpcWebTransport({ baseUrl: `http://${address}`, httpVersion: "2" }),
+  );
+}
+
 /** connect-node speaking gRPC-Web over HTTP/1.1. */
 export function grpcWebCaller(address: string): JsonCaller {
   return connectCaller(
@@ -216,7 +267,8 @@ function requestFor(method: string, request: JsonObject): Record<string, unknown
 /** @grpc/grpc-js as an independent gRPC client. */
 export function grpcJsCaller(address: string): JsonCaller {
   const client = new loaded.keysdriver.v1.KeysDriverService(address, grpc.credentials.createInsecure());
-  const asRpcError = (err: grpc.ServiceError) => new RpcError(err.code, err.details);
+  const asRpcError = (err: grpc.ServiceError) =>
+    new RpcError(err.code, err.details, detailsOfStatus(err.metadata?.get("grpc-status-details-bin")[0] as Buffer));
   type Unary = (
     req: unknown,
     metadata: grpc.Metadata,

@@ -22,6 +22,13 @@
 //   UNAVAILABLE when the database cannot be reached (safe to retry with
 //   backoff), DEADLINE_EXCEEDED when the caller's deadline ran out, INTERNAL
 //   for anything else (the cause is logged by the service, never sent).
+// * Every error carries google.rpc details (in grpc-status-details-bin, or
+//   the Connect error's `details`): a google.rpc.ErrorInfo always, in domain
+//   "keysdriver.v1", whose `reason` is stable (e.g. INVALID_FIELD,
+//   KEY_NOT_FOUND, ETAG_MISMATCH, DATABASE_UNAVAILABLE; docs/ERRORS.md lists
+//   them); a google.rpc.BadRequest naming the field for INVALID_ARGUMENT; a
+//   google.rpc.RetryInfo for UNAVAILABLE and for RESOURCE_EXHAUSTED caused
+//   by load.
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
@@ -1042,7 +1049,7 @@ export const KeyChangeKindSchema: GenEnum<KeyChangeKind> = /*@__PURE__*/
  * Reads a tenant's API keys and flips their kill switch.
  *
  * Served on one port over the gRPC protocol (HTTP/2 without TLS, "h2c") and
- * over the Connect and gRPC-Web protocols (HTTP/1.1).
+ * over the Connect and gRPC-Web protocols (HTTP/1.1 and h2c).
  *
  * @generated from service keysdriver.v1.KeysDriverService
  */
