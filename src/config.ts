@@ -45,6 +45,8 @@ export interface Config {
    * core when NODE_ENV=production, else 1.
    */
   readonly workers: number;
+  /** LOG_LEVEL: fatal, error, warn, info (default), debug (an access line per call), trace or silent. */
+  readonly logLevel: string;
   /**
    * MAX_CONNECTIONS, MAX_CONCURRENT_STREAMS, CONNECTION_IDLE_TIMEOUT_MS,
    * MAX_CONNECTION_AGE_MS, MAX_CONNECTION_AGE_GRACE_MS, KEEPALIVE_TIME_MS,
@@ -82,6 +84,16 @@ function integer(env: Env, name: string, fallback: number, min: number, max: num
     throw new ConfigError(name, `must be a whole number from ${min} to ${max}, got "${raw}"`);
   }
   return Number(raw);
+}
+
+const logLevels = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
+
+function logLevel(env: Env): string {
+  const raw = env.LOG_LEVEL;
+  if (raw === undefined || raw === "") return "info";
+  if (!logLevels.includes(raw))
+    throw new ConfigError("LOG_LEVEL", `must be one of ${logLevels.join(", ")}, got "${raw}"`);
+  return raw;
 }
 
 function databaseUrl(env: Env): string | undefined {
@@ -161,6 +173,7 @@ export function loadConfig(env: Env = process.env): Config {
     watchPollIntervalMs: integer(env, "WATCH_POLL_INTERVAL_MS", 5_000, 100, 3_600_000),
     keyEventsRetentionDays: integer(env, "KEY_EVENTS_RETENTION_DAYS", 90, 0, 36_500),
     workers: workers(env),
+    logLevel: logLevel(env),
     connectionLimits: Object.freeze({
       maxConnections: integer(env, "MAX_CONNECTIONS", defaultConnectionLimits.maxConnections, 1, 1_000_000),
       maxConcurrentStreams: integer(

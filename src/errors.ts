@@ -1,6 +1,11 @@
 import type { DescMessage, MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  RequestInfoSchema,
+  RetryInfoSchema,
+} from "../gen/google/rpc/error_details_pb.js";
 
 /**
  * Every error this service sends carries google.rpc error details a program
@@ -47,6 +52,19 @@ function retryInfo(ms: number): Detail {
   return detail(RetryInfoSchema, {
     retryDelay: { seconds: BigInt(seconds), nanos: Math.round(ms - seconds * 1000) * 1_000_000 },
   });
+}
+
+/** The detail that tells a caller the id its failed call was logged under. */
+export function requestInfo(requestId: string): Detail {
+  return detail(RequestInfoSchema, { requestId });
+}
+
+/** The ErrorInfo reason of an error made here, if it has one. */
+export function reasonOf(error: ConnectError): string | undefined {
+  for (const d of error.details) {
+    if ("desc" in d && d.desc.typeName === ErrorInfoSchema.typeName) return (d.value as { reason?: string }).reason;
+  }
+  return undefined;
 }
 
 /** Something a caller can act on was not found, e.g. reason KEY_NOT_FOUND. */

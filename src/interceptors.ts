@@ -1,7 +1,9 @@
+import { randomUUID } from "node:crypto";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import { cancellingStatements, StatementScope } from "./db/client.js";
-import { codeName, type ErrorLogger, toConnectError } from "./errors.js";
+import { codeName, type ErrorLogger, reasonOf, requestInfo, toConnectError, withErrorDetails } from "./errors.js";
+import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
 import { rejectMalformed } from "./transport/malformed.js";
 
@@ -20,17 +22,67 @@ export interface CallObservers {
   readonly metrics?: Metrics;
   /** Told the cause of every INTERNAL or UNAVAILABLE answer. */
   readonly logError?: ErrorLogger;
+  /** Gets a line per failed call, and per call at debug level. */
+  readonly logger?: Logger;
 }
 
-/** One call being observed: its failure mapped to a status, its end counted. */
-function observe(method: DescMethod, observers: CallObservers) {
-  const started = observers.metrics ? performance.now() : 0;
+// How loud a failed call's line is: the caller's mistake, a service that
+// cannot serve now, or a fault.
+const faults = new Set(["INTERNAL", "UNKNOWN", "DATA_LOSS"]);
+const troubles = new Set(["UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"]);
+const levelOf = (code: string) => (faults.has(code) ? "error" : troubles.has(code) ? "warn" : "info");
+
+/** A caller's request id (x-request-id) when it is a plain token; otherwise one is made. */
+const requestIdPattern = /^[\w.:-]{1,128}$/;
+/** W3C trace context: version-traceid-parentid-flags. */
+const traceparentPattern = /^[\da-f]{2}-([\da-f]{32})-([\da-f]{16})-[\da-f]{2}$/;
+
+/** One call being observed: its failure mapped to a status, its end counted and logged. */
+function observe(method: DescMethod, observers: CallObservers, context: HandlerContext | undefined) {
+  const logger = observers.logger;
+  const timed = observers.metrics !== undefined || logger !== undefined;
+  const started = timed ? performance.now() : 0;
   let code = "OK";
+  let reason: string | undefined;
+  let requestId: string | undefined;
+  const idOfRequest = () => {
+    if (requestId === undefined) {
+      const given = context?.requestHeader.get("x-request-id");
+      requestId = given && requestIdPattern.test(given) ? given : randomUUID();
+    }
+    return requestId;
+  };
+  const log = (elapsedMs: number) => {
+    if (!logger) return;
+    const level = code === "OK" ? "debug" : levelOf(code);
+    if (!logger.isLevelEnabled(level)) return;
+    const trace = traceparentPattern.exec(context?.requestHeader.get("traceparent") ?? "");
+    logger[level](
+      {
+        rpc: { service: method.parent.typeName, method: method.name, protocol: context?.protocolName },
+        code,
+        reason,
+        duration_ms: Math.round(elapsedMs * 1000) / 1000,
+        request_id: idOfRequest(),
+        trace_id: trace?.[1],
+        span_id: trace?.[2],
+      },
+      code === "OK" ? "call" : "call failed",
+    );
+  };
   return {
     failed(err: unknown): ConnectError {
-      const error = toConnectError(err, observers.logError);
+      const error = withErrorDetails(toConnectError(err, observers.logError));
       code = codeName(error.code);
-      return error;
+      reason = reasonOf(error);
+      // The caller learns the id its failure was logged under.
+      return new ConnectError(
+        error.rawMessage,
+        error.code,
+        error.metadata,
+        [...error.details.filter((d) => "desc" in d), requestInfo(idOfRequest())],
+        error.cause,
+      );
     },
     /** The call ended early by the client's cancel or its deadline: counted so, never logged. */
     endedBy(context: HandlerContext | undefined): ConnectError | undefined {
@@ -44,7 +96,10 @@ function observe(method: DescMethod, observers: CallObservers) {
       return error;
     },
     ended(): void {
-      observers.metrics?.record(method.name, code, (performance.now() - started) / 1000);
+      if (!timed) return;
+      const elapsedMs = performance.now() - started;
+      observers.metrics?.record(method, code, elapsedMs / 1000);
+      log(elapsedMs);
     },
   };
 }
@@ -121,7 +176,7 @@ function untilAborted<T>(context: HandlerContext, work: () => Promise<T>): Promi
 
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
   return async (request, context) => {
-    const call = observe(method, observers);
+    const call = observe(method, observers, context);
     try {
       rejectMalformed(request, method.input.typeName);
       if (!context) return await handler(request, context);
@@ -136,7 +191,7 @@ function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObs
 
 function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallObservers): StreamHandler {
   return async function* (request, context) {
-    const call = observe(method, observers);
+    const call = observe(method, observers, context);
     try {
       rejectMalformed(request, method.input.typeName);
       yield* handler(request, context);

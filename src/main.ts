@@ -1,9 +1,11 @@
 import cluster from "node:cluster";
+import { Registry } from "prom-client";
 import { type Config, loadConfig, StartError } from "./config.js";
 import type { Sql } from "./db/client.js";
 import { type PeriodicJob, startPeriodicJob } from "./jobs/periodic.js";
 import { pruneKeyEvents } from "./jobs/prune-key-events.js";
-import { rollUpClosedDays } from "./jobs/rollup.js";
+import { rollUpClosedDays, rollupLagDays } from "./jobs/rollup.js";
+import { createJobMetrics, type JobMetrics } from "./metrics.js";
 import { type PreparedDatabase, prepareDatabase } from "./process/database.js";
 import { listenForShutdown, type ShutdownRequest } from "./process/signals.js";
 import { runWorker, runWorkers } from "./process/workers.js";
@@ -17,13 +19,21 @@ import { startService } from "./service.js";
 const name = "keys-driver-service";
 
 /** The background jobs: the usage rollup and the retention of key changes (one process at a time does each). */
-function startJobs(config: Config, sql: Sql): PeriodicJob[] {
+function startJobs(config: Config, sql: Sql, metrics: JobMetrics): PeriodicJob[] {
   const jobs: PeriodicJob[] = [];
   if (config.rollupIntervalMs > 0) {
+    const rollUp = async () => {
+      const run = await rollUpClosedDays(sql);
+      const outcome = !run.ran ? "busy" : run.days.length > 0 ? "rolled" : "idle";
+      metrics.rollupRan(outcome, run.days.length, await rollupLagDays(sql));
+    };
     jobs.push(
-      startPeriodicJob(() => rollUpClosedDays(sql), {
+      startPeriodicJob(rollUp, {
         intervalMs: config.rollupIntervalMs,
-        onError: (err) => console.error("usage rollup failed; retrying at the next interval:", err),
+        onError: (err) => {
+          metrics.rollupRan("failed", 0);
+          console.error("usage rollup failed; retrying at the next interval:", err);
+        },
       }),
     );
   }
@@ -52,8 +62,16 @@ function printWelcome(address: string, db: PreparedDatabase, workers: number): v
 }
 
 /** Serves in this process until a shutdown signal, then drains. */
-async function serveHere(config: Config, db: PreparedDatabase, shutdown: ShutdownRequest): Promise<void> {
-  const service = await startService({ ...config, databaseUrl: db.url });
+async function serveHere(
+  config: Config,
+  db: PreparedDatabase,
+  shutdown: ShutdownRequest,
+  jobMetrics: JobMetrics,
+): Promise<void> {
+  const service = await startService(
+    { ...config, databaseUrl: db.url },
+    { metricsText: (own) => Registry.merge([own, jobMetrics.registry]).metrics() },
+  );
   printWelcome(service.address, db, 1);
   const signal = await shutdown.requested;
   console.log(`${signal}: draining calls (up to ${config.shutdownGraceMs} ms), then stopping`);
@@ -63,14 +81,16 @@ async function serveHere(config: Config, db: PreparedDatabase, shutdown: Shutdow
 async function run(config: Config, shutdown: ShutdownRequest): Promise<void> {
   if (cluster.isWorker) return await runWorker(config, shutdown);
   const db = await prepareDatabase(config, { onNotice: (message) => console.log(`${name}: ${message}`) });
-  const jobs = startJobs(config, db.sql);
+  const jobMetrics = createJobMetrics();
+  const jobs = startJobs(config, db.sql, jobMetrics);
   try {
     if (shutdown.signal !== undefined) {
       console.log(`${shutdown.signal} during start-up: stopping`);
     } else if (config.workers > 1) {
-      await runWorkers(config, db.url, shutdown, (address) => printWelcome(address, db, config.workers));
+      const welcome = (address: string) => printWelcome(address, db, config.workers);
+      await runWorkers(config, db.url, shutdown, welcome, jobMetrics.registry);
     } else {
-      await serveHere(config, db, shutdown);
+      await serveHere(config, db, shutdown, jobMetrics);
     }
   } finally {
     await Promise.all(jobs.map((job) => job.stop()));

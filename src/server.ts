@@ -39,7 +39,7 @@ export interface ServerDeps {
   /** Whether to answer SERVING (Health, /readyz); startServer marks it draining when it closes. */
   readonly health: HealthState;
   /** The Prometheus text for GET /metrics; without it, /metrics is 404. */
-  readonly metricsText?: () => string;
+  readonly metricsText?: () => Promise<string>;
 }
 
 /** A listening server. */
@@ -206,7 +206,13 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       const problem = deps.health.problem;
       res.writeHead(problem ? 503 : 200, { "content-type": "text/plain" }).end(`${problem ?? "ok"}\n`);
     } else if (req.method === "GET" && path === "/metrics" && deps.metricsText) {
-      res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(deps.metricsText());
+      deps.metricsText().then(
+        (text) => res.writeHead(200, { "content-type": "text/plain; version=0.0.4" }).end(text),
+        (err: unknown) => {
+          (deps.observers.logError ?? console.error)("metrics could not be gathered", err);
+          res.writeHead(503, { "content-type": "text/plain" }).end("metrics unavailable\n");
+        },
+      );
     } else {
       clampTimeouts(req.headers);
       if (res instanceof http.ServerResponse) closeIfAnsweredUnread(req as http.IncomingMessage, res);

@@ -1,12 +1,14 @@
+import type { Registry } from "prom-client";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { type Config, StartError } from "./config.js";
-import { createSql, type Sql } from "./db/client.js";
+import { createSql, poolState, type Sql } from "./db/client.js";
 import { startDatabaseProbe } from "./db/probe.js";
 import { findServiceSecret } from "./db/secrets.js";
 import { createStore } from "./db/store.js";
 import type { ErrorLogger } from "./errors.js";
 import { type KeyFeed, startKeyFeed } from "./feed/key-feed.js";
-import { createMetrics, type Metrics, type MetricsSnapshot, renderMetrics } from "./metrics.js";
+import { createLogger, type Logger } from "./log.js";
+import { createMetrics, type Metrics } from "./metrics.js";
 import { createPositionTokens } from "./rpc/cursors.js";
 import { HealthState } from "./rpc/health.js";
 import { createKeysDriverService } from "./rpc/keys-driver.js";
@@ -25,21 +27,24 @@ export type ServiceConfig = Pick<
   | "watchProgressIntervalMs"
   | "watchMaxQueuedChanges"
   | "watchPollIntervalMs"
-> & {
-  /** A postgres:// URL of a migrated database. */
-  readonly databaseUrl: string;
-  /** Connection limits; the defaults (defaultConnectionLimits) for what is not given. */
-  readonly connectionLimits?: Partial<Config["connectionLimits"]>;
-};
+> &
+  Partial<Pick<Config, "logLevel">> & {
+    /** A postgres:// URL of a migrated database. */
+    readonly databaseUrl: string;
+    /** Connection limits; the defaults (defaultConnectionLimits) for what is not given. */
+    readonly connectionLimits?: Partial<Config["connectionLimits"]>;
+  };
 
 /** Ways to watch or adjust a service, for the executable, tests and benchmark. */
 export interface ServiceHooks {
-  /** Told the cause of every INTERNAL or UNAVAILABLE answer; default: stderr. */
+  /** Told the cause of every INTERNAL or UNAVAILABLE answer; default: the log, at error. */
   readonly logError?: ErrorLogger;
+  /** The structured log (src/log.ts); default: JSON lines on stdout at config.logLevel. */
+  readonly logger?: Logger;
   /** Sees every statement sent (tests). */
   readonly onQuery?: (query: string, parameters: readonly unknown[]) => void;
-  /** The /metrics text from this process's counts; default: this process alone. */
-  readonly metricsText?: (own: MetricsSnapshot) => string;
+  /** The /metrics text, given this process's registry; default: this process's metrics alone. */
+  readonly metricsText?: (own: Registry) => Promise<string>;
 }
 
 /** KeysDriverService, serving. */
@@ -49,7 +54,7 @@ export interface RunningService {
   readonly port: number;
   /** The service's connection pool. */
   readonly sql: Sql;
-  /** This process's call counts. */
+  /** This process's metrics. */
   readonly metrics: Metrics;
   /** The process's feed of key changes. */
   readonly feed: KeyFeed;
@@ -71,7 +76,8 @@ const healthProbeIntervalMs = 1000;
  * the service through here.
  */
 export async function startService(config: ServiceConfig, hooks: ServiceHooks = {}): Promise<RunningService> {
-  const logError = hooks.logError ?? ((message: string, cause: unknown) => console.error(message, cause));
+  const logger = hooks.logger ?? createLogger(config.logLevel);
+  const logError = hooks.logError ?? ((message: string, cause: unknown) => logger.error({ err: cause }, message));
   const sql = createSql({
     url: config.databaseUrl,
     poolMax: config.poolMax,
@@ -84,11 +90,12 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
     const secret = config.pageTokenSecret ?? (await findServiceSecret(sql, "page_token"));
     if (!secret) throw new StartError("the page token secret is missing from service_secrets; run `npm run migrate`");
     const signer = createTokenSigner(secret);
-    const metrics = createMetrics();
-    feed = startKeyFeed(sql, {
+    const running = startKeyFeed(sql, {
       pollIntervalMs: config.watchPollIntervalMs,
       onError: (err) => logError("the feed of key changes cannot read the database; retrying", err),
     });
+    feed = running;
+    const metrics = createMetrics({ pool: () => poolState(sql), watchStreams: () => running.subscribers });
     const handlers = createKeysDriverService({
       store: createStore(sql),
       pageTokens: createPageTokenCodec(signer),
@@ -109,14 +116,13 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
     });
     const server = await startServer({
       services: [registration(KeysDriverService, handlers)],
-      observers: { metrics, logError },
+      observers: { metrics, logError, logger },
       health,
       limits: config.connectionLimits,
       host: config.host,
       port: config.port,
-      metricsText: () => (hooks.metricsText ?? ((own) => renderMetrics(own, 1)))(metrics.snapshot()),
+      metricsText: () => (hooks.metricsText ?? ((own) => own.metrics()))(metrics.registry),
     });
-    const running = feed;
     const probing = probe;
     return {
       address: server.address,

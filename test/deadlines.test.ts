@@ -34,8 +34,8 @@ async function eventually(check: () => Promise<boolean>, ms: number): Promise<bo
   return check();
 }
 
-function callsCounted(service: RunningService, method: string, code: string): number {
-  return service.metrics.snapshot().calls[`${method} ${code}`] ?? 0;
+async function callsCounted(service: RunningService, method: string, code: string): Promise<number> {
+  return (await service.metrics.calls())[`${method} ${code}`] ?? 0;
 }
 
 describe("a caller's deadline and cancel reach the database", () => {
@@ -52,8 +52,8 @@ describe("a caller's deadline and cancel reach the database", () => {
       const client: JsonCaller = makeCaller(service.address);
       const tenantId = newTenant();
       const keyId = await insertKey(db.sql, { tenantId });
-      const okBefore = callsCounted(service, "UpdateKeyFrozen", "OK");
-      const lateBefore = callsCounted(service, "UpdateKeyFrozen", "DEADLINE_EXCEEDED");
+      const okBefore = await callsCounted(service, "UpdateKeyFrozen", "OK");
+      const lateBefore = await callsCounted(service, "UpdateKeyFrozen", "DEADLINE_EXCEEDED");
       const holder = await db.sql.reserve();
       try {
         await holder`begin`;
@@ -72,9 +72,10 @@ describe("a caller's deadline and cancel reach the database", () => {
       const key = await client.call("FetchKeyById", { tenantId, keyId });
       expect((key.key as { isFrozen?: boolean }).isFrozen ?? false).to.equal(false);
       // The server counts the call as it ends, which can be just after the client gave up.
-      const counted = async () => callsCounted(service, "UpdateKeyFrozen", "DEADLINE_EXCEEDED") === lateBefore + 1;
+      const counted = async () =>
+        (await callsCounted(service, "UpdateKeyFrozen", "DEADLINE_EXCEEDED")) === lateBefore + 1;
       expect(await eventually(counted, 1000)).to.equal(true);
-      expect(callsCounted(service, "UpdateKeyFrozen", "OK")).to.equal(okBefore);
+      expect(await callsCounted(service, "UpdateKeyFrozen", "OK")).to.equal(okBefore);
       client.close();
     });
   }
@@ -92,9 +93,9 @@ describe("a caller's deadline and cancel reach the database", () => {
       const err = await failure(client.call("UpdateKeyFrozen", { tenantId, keyId }, { signal: abort.signal }));
       expect(err.code).to.equal(Code.Canceled);
       expect(await eventually(async () => (await runningStatements(db.sql)).length === 0, 1000)).to.equal(true);
-      expect(await eventually(async () => callsCounted(service, "UpdateKeyFrozen", "CANCELLED") === 1, 1000)).to.equal(
-        true,
-      );
+      expect(
+        await eventually(async () => (await callsCounted(service, "UpdateKeyFrozen", "CANCELLED")) === 1, 1000),
+      ).to.equal(true);
     } finally {
       await holder`rollback`;
       holder.release();
@@ -104,7 +105,7 @@ describe("a caller's deadline and cancel reach the database", () => {
 
   it("counts a WatchKeys stream the client cancels as CANCELLED on every protocol, never INTERNAL or OK", async () => {
     const tenantId = newTenant();
-    const before = { ...service.metrics.snapshot().calls };
+    const before = await service.metrics.calls();
     for (const makeCaller of [grpcJsCaller, connectGrpcCaller, connectProtocolCaller, connectHttp2Caller]) {
       const client = makeCaller(service.address);
       for (let i = 0; i < 5; i++) {
@@ -114,11 +115,11 @@ describe("a caller's deadline and cancel reach the database", () => {
       }
       client.close();
     }
-    const counted = (code: string) =>
-      (service.metrics.snapshot().calls[`WatchKeys ${code}`] ?? 0) - (before[`WatchKeys ${code}`] ?? 0);
-    expect(await eventually(async () => counted("CANCELLED") === 20, 3000)).to.equal(true);
-    expect(counted("OK")).to.equal(0);
-    expect(counted("INTERNAL")).to.equal(0);
+    const counted = async (code: string) =>
+      ((await service.metrics.calls())[`WatchKeys ${code}`] ?? 0) - (before[`WatchKeys ${code}`] ?? 0);
+    expect(await eventually(async () => (await counted("CANCELLED")) === 20, 3000)).to.equal(true);
+    expect(await counted("OK")).to.equal(0);
+    expect(await counted("INTERNAL")).to.equal(0);
   });
 
   it("takes a deadline longer than a timer can hold (Connect's 10 digits) as far away, not as passed", async () => {
@@ -137,7 +138,7 @@ describe("a caller's deadline and cancel reach the database", () => {
     const tenantId = newTenant();
     const keyId = await insertKey(db.sql, { tenantId });
     await client.call("FetchKeyById", { tenantId, keyId });
-    const okBefore = callsCounted(service, "FetchKeyById", "OK");
+    const okBefore = await callsCounted(service, "FetchKeyById", "OK");
     proxy.pause(); // as a stopped PostgreSQL (SIGSTOP): connections open, nothing answered
     try {
       const calls = Array.from({ length: 15 }, async (_, i) => {
@@ -150,7 +151,7 @@ describe("a caller's deadline and cancel reach the database", () => {
         expect(code).to.equal(Code.DeadlineExceeded);
         expect(elapsed).to.be.within(290, 450);
       }
-      expect(callsCounted(service, "FetchKeyById", "OK")).to.equal(okBefore);
+      expect(await callsCounted(service, "FetchKeyById", "OK")).to.equal(okBefore);
     } finally {
       proxy.resume();
     }

@@ -79,7 +79,7 @@ describe("error details (google.rpc)", () => {
         const err = await failure(client.call("FetchKeyById", { tenantId: newTenant(), keyId }));
         expect(err.code).to.equal(Code.NotFound);
         expect(errorInfo(err)?.reason).to.equal("KEY_NOT_FOUND");
-        expect(err.details.map((d) => d.type)).to.deep.equal(["google.rpc.ErrorInfo"]);
+        expect(err.details.map((d) => d.type)).to.deep.equal(["google.rpc.ErrorInfo", "google.rpc.RequestInfo"]);
       });
 
       it("gives a stale etag ETAG_MISMATCH", async () => {

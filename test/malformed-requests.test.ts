@@ -133,7 +133,11 @@ describe("a request body that does not decode", () => {
       const text = await (await fetch(`http://${service.server.address}/metrics`)).text();
       const line = text
         .split("\n")
-        .find((l) => l.startsWith('keysdriver_rpc_calls_total{method="FetchKeyById",code="INVALID_ARGUMENT"}'));
+        .find((l) =>
+          l.startsWith(
+            'grpc_server_handled_total{grpc_service="keysdriver.v1.KeysDriverService",grpc_method="FetchKeyById",grpc_type="unary",grpc_code="INVALID_ARGUMENT"}',
+          ),
+        );
       return Number(line?.split(" ").at(-1) ?? 0);
     };
     const before = await metrics();

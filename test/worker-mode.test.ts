@@ -69,10 +69,16 @@ describe("worker mode (WORKERS=2)", () => {
       }
       client.close();
     }
-    await new Promise((r) => setTimeout(r, 2500)); // workers report every second
     const text = await metrics(port);
     expect(text).to.contain("keysdriver_processes 2");
-    expect(text).to.contain(`keysdriver_rpc_calls_total{method="CountKeys",code="OK"} ${calls}`);
+    expect(text).to.contain(
+      `grpc_server_handled_total{grpc_service="keysdriver.v1.KeysDriverService",grpc_method="CountKeys",grpc_type="unary",grpc_code="OK"} ${calls}`,
+    );
+    expect(text).to.contain(
+      `grpc_server_handling_seconds_count{grpc_service="keysdriver.v1.KeysDriverService",grpc_method="CountKeys",grpc_type="unary"} ${calls}`,
+    );
+    // The primary's own metrics (the background jobs') are in the same answer.
+    expect(text).to.contain("# TYPE keysdriver_usage_rollup_runs_total counter");
   });
 
   it("drains every worker on SIGTERM and exits cleanly", async () => {

@@ -62,6 +62,25 @@ export function createSql(options: SqlOptions): Sql {
   return checkedResults(sql);
 }
 
+/** The pool's connections by state, and the statements waiting for one. */
+export interface PoolState {
+  readonly queued: number;
+  readonly connecting: number;
+  readonly idle: number;
+  readonly busy: number;
+  readonly reserved: number;
+  readonly closed: number;
+}
+
+const poolStateKey = Symbol.for("keys-driver-service.pool");
+
+/** What `sql`'s pool holds now (read from postgres.js by ./postgres-fixes.js). */
+export function poolState(sql: Sql): PoolState {
+  const read = (sql as unknown as Record<symbol, (() => PoolState) | undefined>)[poolStateKey];
+  if (!read) throw new Error("postgres.js was loaded without src/db/postgres-fixes.js: no view of its pool");
+  return read();
+}
+
 /**
  * A list of strings as a PostgreSQL array literal, e.g. `{"a","b"}`, to be
  * sent as one parameter and cast in SQL (`${arrayLiteral(ids)}::uuid[]`).

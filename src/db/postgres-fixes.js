@@ -32,6 +32,10 @@
 //    connection released after it closed is left closed, to reconnect when
 //    needed, rather than put back in the pool without a socket.
 //
+// It also adds one thing postgres.js lacks, a view of its pool's queues
+// (connections idle, busy, reserved, connecting; statements waiting for a
+// connection), read by the metrics.
+//
 // Drop a patch, or this file and its registration in ./postgres.ts, once a
 // postgres.js release carries the fix: the hook fails loudly when the text
 // it patches has changed.
@@ -99,6 +103,19 @@ const patches = [
     // reconnected on demand) instead of rejoining the pool without a socket.
     find: "    sql.release = () => {\n      c.reserved = null\n      onopen(c)\n    }\n",
     replace: "    sql.release = () => {\n      c.reserved = null\n      c.queue === closed || onopen(c)\n    }\n",
+  },
+  {
+    file: "index.js",
+    issue: "pool state (not a bug: postgres.js has no public view of its pool)",
+    // The pool's queues, counted on demand for the metrics (src/db/client.ts poolState).
+    find: "    options,\n    reserve,\n    listen,\n",
+    replace:
+      "    options,\n" +
+      '    [Symbol.for("keys-driver-service.pool")]: () => ({\n' +
+      "      queued: queries.length, connecting: connecting.length, idle: open.length,\n" +
+      "      busy: busy.length + full.length, reserved: reserved.length, closed: closed.length + ended.length,\n" +
+      "    }),\n" +
+      "    reserve,\n    listen,\n",
   },
 ];
 

@@ -3,6 +3,16 @@ import type { Sql } from "../db/client.js";
 /** Lets one rollup job run at a time across every replica; an arbitrary constant. */
 const rollupLockKey = 7_301_944_513n;
 
+/** Closed UTC days not rolled up yet (0 when up to date); undefined before the first run. */
+export async function rollupLagDays(sql: Sql): Promise<number | undefined> {
+  const [row]: [{ lag: number | null }?] = await sql`
+    select ((now() at time zone 'UTC')::date - rolled_until) as lag
+    from usage_rollup_state
+    where singleton
+  `;
+  return row?.lag ?? undefined;
+}
+
 /** What one rollUpClosedDays call did. */
 export interface RollupRun {
   /** False when another process held the job's lock (nothing was done). */

@@ -1,6 +1,6 @@
 import cluster, { type Worker } from "node:cluster";
+import { AggregatorRegistry, type Registry } from "prom-client";
 import { type Config, StartError } from "../config.js";
-import { type MetricsSnapshot, renderMetrics, sumSnapshots } from "../metrics.js";
 import { startService } from "../service.js";
 import type { ShutdownRequest } from "./signals.js";
 
@@ -8,10 +8,17 @@ import type { ShutdownRequest } from "./signals.js";
 // the workers' lives, and workers that share the port (node:cluster hands
 // them connections in turn) and serve.
 
-/** Messages between the primary and its workers. */
+/**
+ * Messages between the primary and its workers: a worker asked for /metrics
+ * asks the primary, which gathers every worker's registry (prom-client's
+ * AggregatorRegistry, over its own messages) and adds its own (the jobs').
+ */
 type WorkerMessage =
-  | { readonly kind: "metrics"; readonly snapshot: MetricsSnapshot }
-  | { readonly kind: "metrics-total"; readonly snapshot: MetricsSnapshot; readonly processes: number };
+  | { readonly kind: "metrics-request"; readonly id: number }
+  | { readonly kind: "metrics-text"; readonly id: number; readonly text?: string; readonly error?: string };
+
+/** How long a worker waits for the primary's metrics. */
+const metricsTimeoutMs = 6_000;
 
 /** A worker that dies sooner than this after its start counts as a failed start. */
 const healthyAfterMs = 30_000;
@@ -34,8 +41,9 @@ export async function runWorkers(
   databaseUrl: string,
   shutdown: ShutdownRequest,
   onListening: (address: string) => void,
+  primaryMetrics: Registry,
 ): Promise<void> {
-  const snapshots = new Map<number, MetricsSnapshot>(); // kept after a worker exits: counters only grow
+  const aggregator = new AggregatorRegistry();
   const workers = new Set<Worker>();
   const startedAt = new Map<Worker, number>();
   let restartDelayMs = firstRestartDelayMs;
@@ -51,7 +59,14 @@ export async function runWorkers(
     // Workers use the database the primary prepared; the background jobs run here.
     const worker = cluster.fork({ DATABASE_URL: databaseUrl, ROLLUP_INTERVAL_MS: "0" });
     worker.on("message", (m: WorkerMessage) => {
-      if (m.kind === "metrics") snapshots.set(worker.id, m.snapshot);
+      if (m.kind !== "metrics-request") return;
+      Promise.all([aggregator.clusterMetrics(), primaryMetrics.metrics()]).then(
+        ([workers, own]) => answer({ kind: "metrics-text", id: m.id, text: workers + own }),
+        (err: unknown) => answer({ kind: "metrics-text", id: m.id, error: String(err) }),
+      );
+      const answer = (message: WorkerMessage) => {
+        if (worker.isConnected()) worker.send(message);
+      };
     });
     workers.add(worker);
     startedAt.set(worker, Date.now());
@@ -82,24 +97,12 @@ export async function runWorkers(
   });
   for (let i = 0; i < config.workers; i++) fork();
 
-  // Every worker renders /metrics from this total, so any of them answers for all.
-  const broadcast = setInterval(() => {
-    const message: WorkerMessage = {
-      kind: "metrics-total",
-      snapshot: sumSnapshots([...snapshots.values()]),
-      processes: workers.size,
-    };
-    for (const w of workers) if (w.isConnected()) w.send(message);
-  }, 1000);
-  broadcast.unref();
-
   let failure: unknown;
   const signal = await Promise.race([shutdown.requested, givingUp]).catch((err: unknown) => {
     failure = err;
     return "start failure";
   });
   stopping = true;
-  clearInterval(broadcast);
   if (failure === undefined) console.log(`${signal}: draining ${workers.size} workers, then stopping`);
   await Promise.all(
     [...workers].map(
@@ -114,23 +117,38 @@ export async function runWorkers(
   if (failure !== undefined) throw failure;
 }
 
-/** One worker: serves the port until told to stop, reporting its counts to the primary every second. */
+/**
+ * One worker: serves the port until told to stop. Its /metrics are the
+ * whole service's: it asks the primary, which gathers them from every
+ * worker, this one included.
+ */
 export async function runWorker(config: Config, shutdown: ShutdownRequest): Promise<void> {
-  let total: { snapshot: MetricsSnapshot; processes: number } | undefined;
+  const pending = new Map<number, (m: WorkerMessage) => void>();
+  let nextId = 0;
   process.on("message", (m: WorkerMessage) => {
-    if (m.kind === "metrics-total") total = m;
+    if (m.kind === "metrics-text") pending.get(m.id)?.(m);
   });
-  const service = await startService(
-    { ...config, databaseUrl: config.databaseUrl ?? "" },
-    { metricsText: (own) => (total ? renderMetrics(total.snapshot, total.processes) : renderMetrics(own, 1)) },
-  );
-  const report = setInterval(
-    () => process.send?.({ kind: "metrics", snapshot: service.metrics.snapshot() } satisfies WorkerMessage),
-    1000,
-  );
-  report.unref();
+  const askPrimary = () =>
+    new Promise<string>((resolve, reject) => {
+      const id = nextId++;
+      const timer = setTimeout(
+        () => settle({ kind: "metrics-text", id, error: "the primary did not answer" }),
+        metricsTimeoutMs,
+      );
+      const settle = (m: WorkerMessage) => {
+        clearTimeout(timer);
+        pending.delete(id);
+        if (m.kind === "metrics-text" && m.text !== undefined) resolve(m.text);
+        else reject(new Error(m.kind === "metrics-text" ? m.error : "unexpected answer"));
+      };
+      pending.set(id, settle);
+      process.send?.({ kind: "metrics-request", id } satisfies WorkerMessage);
+    });
+  const service = await startService({ ...config, databaseUrl: config.databaseUrl ?? "" }, { metricsText: askPrimary });
+  // The primary's AggregatorRegistry asks each worker for this registry.
+  AggregatorRegistry.setRegistries([service.metrics.registry]);
+  new AggregatorRegistry();
   await shutdown.requested;
-  clearInterval(report);
   await service.close(config.shutdownGraceMs);
   process.disconnect?.();
 }

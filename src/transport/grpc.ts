@@ -145,6 +145,19 @@ function serverStream(service: DescService, method: DescMethod, handler: StreamH
   };
 }
 
+/** A call's metadata as Headers (its text entries; binary ones stay in the metadata). */
+function requestHeaders(metadata: grpc.Metadata): Headers {
+  const headers = new Headers();
+  for (const [name, value] of Object.entries(metadata.getMap())) {
+    try {
+      if (typeof value === "string") headers.set(name, value);
+    } catch {
+      // A value Headers refuses is left out; the call does not depend on it.
+    }
+  }
+  return headers;
+}
+
 /**
  * The context of a grpc-js call: its signal aborts when the client
  * cancels or the deadline passes. Built by hand rather than with
@@ -183,7 +196,7 @@ function callContext(
   let headers: { request: Headers; response: Headers; trailer: Headers } | undefined;
   let values: ContextValues | undefined;
   const lazyHeaders = () => {
-    headers ??= { request: new Headers(), response: new Headers(), trailer: new Headers() };
+    headers ??= { request: requestHeaders(call.metadata), response: new Headers(), trailer: new Headers() };
     return headers;
   };
   const context = {

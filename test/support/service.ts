@@ -22,6 +22,7 @@ export async function startTestService(
       watchProgressIntervalMs: 15_000,
       watchMaxQueuedChanges: 10_000,
       watchPollIntervalMs: 5_000,
+      logLevel: "silent",
       ...settings,
     },
     { logError: () => {}, ...hooks },
