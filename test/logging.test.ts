@@ -5,7 +5,7 @@ import { expect } from "chai";
 import { RequestInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { createLogger } from "../src/log.js";
 import type { RunningService } from "../src/service.js";
-import { connectProtocolCaller, detailsOfStatus, failure, grpcJsCaller } from "./support/clients.js";
+import { connectProtocolCaller, detailsOfStatus, failure } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
