@@ -1,10 +1,12 @@
 import { randomUUID } from "node:crypto";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
-import { cancellingStatements, StatementScope } from "./db/client.js";
+import type { Tracer } from "@opentelemetry/api";
+import { cancellingStatements, StatementScope, type StatementTrace } from "./db/client.js";
 import { codeName, type ErrorLogger, reasonOf, requestInfo, toConnectError, withErrorDetails } from "./errors.js";
 import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
+import { endCallSpan, startCallSpan } from "./tracing.js";
 import { rejectMalformed } from "./transport/malformed.js";
 
 /**
@@ -24,6 +26,8 @@ export interface CallObservers {
   readonly logError?: ErrorLogger;
   /** Gets a line per failed call, and per call at debug level. */
   readonly logger?: Logger;
+  /** Makes a span per call, and one per statement of a unary call (src/tracing.ts). */
+  readonly tracer?: Tracer;
 }
 
 // How loud a failed call's line is: the caller's mistake, a service that
@@ -40,8 +44,16 @@ const traceparentPattern = /^[\da-f]{2}-([\da-f]{32})-([\da-f]{16})-[\da-f]{2}$/
 /** One call being observed: its failure mapped to a status, its end counted and logged. */
 function observe(method: DescMethod, observers: CallObservers, context: HandlerContext | undefined) {
   const logger = observers.logger;
+  const tracer = observers.tracer;
   const timed = observers.metrics !== undefined || logger !== undefined;
   const started = timed ? performance.now() : 0;
+  const span = tracer
+    ? startCallSpan(
+        tracer,
+        { service: method.parent.typeName, method: method.name, protocol: context?.protocolName },
+        context?.requestHeader,
+      )
+    : undefined;
   let code = "OK";
   let reason: string | undefined;
   let requestId: string | undefined;
@@ -71,6 +83,8 @@ function observe(method: DescMethod, observers: CallObservers, context: HandlerC
     );
   };
   return {
+    /** Where the call's statements report their spans, when tracing is on. */
+    trace: tracer && span ? { tracer, parent: span.context } : undefined,
     failed(err: unknown): ConnectError {
       const error = withErrorDetails(toConnectError(err, observers.logError));
       code = codeName(error.code);
@@ -96,6 +110,7 @@ function observe(method: DescMethod, observers: CallObservers, context: HandlerC
       return error;
     },
     ended(): void {
+      if (span) endCallSpan(span, code, reason);
       if (!timed) return;
       const elapsedMs = performance.now() - started;
       observers.metrics?.record(method, code, elapsedMs / 1000);
@@ -131,12 +146,12 @@ const deadlinePassed = () => new ConnectError("the deadline passed before the ca
  * The statements are tied to the call only while `work` runs, so a call
  * that has ended cancels nothing it left behind on purpose.
  */
-function untilAborted<T>(context: HandlerContext, work: () => Promise<T>): Promise<T> {
+function untilAborted<T>(context: HandlerContext, work: () => Promise<T>, trace?: StatementTrace): Promise<T> {
   // The client gives up at its deadline too, and its cancel can arrive
   // first: a call whose deadline has passed ended by the deadline.
   const reasonFor = (reason: unknown) =>
     (context.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs ? deadlinePassed() : reason;
-  const statements = new StatementScope();
+  const statements = new StatementScope(trace);
   return new Promise<T>((resolve, reject) => {
     let settled = false;
     const aborted = (reason: unknown) => {
@@ -180,7 +195,7 @@ function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObs
     try {
       rejectMalformed(request, method.input.typeName);
       if (!context) return await handler(request, context);
-      return await untilAborted(context, () => handler(request, context));
+      return await untilAborted(context, () => handler(request, context), call.trace);
     } catch (err) {
       throw call.failed(err);
     } finally {

@@ -1,3 +1,4 @@
+import type { Tracer } from "@opentelemetry/api";
 import type { Registry } from "prom-client";
 import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { type Config, StartError } from "./config.js";
@@ -15,6 +16,7 @@ import { createKeysDriverService } from "./rpc/keys-driver.js";
 import { createPageTokenCodec } from "./rpc/page-token.js";
 import { createTokenSigner } from "./rpc/signed-token.js";
 import { registration, startServer } from "./server.js";
+import { tracingFromEnv } from "./tracing.js";
 
 /** The settings serving needs, with the database already chosen. */
 export type ServiceConfig = Pick<
@@ -41,6 +43,8 @@ export interface ServiceHooks {
   readonly logError?: ErrorLogger;
   /** The structured log (src/log.ts); default: JSON lines on stdout at config.logLevel. */
   readonly logger?: Logger;
+  /** Traces calls with this tracer; default: as OTEL_* configures (src/tracing.ts), usually off. */
+  readonly tracer?: Tracer;
   /** Sees every statement sent (tests). */
   readonly onQuery?: (query: string, parameters: readonly unknown[]) => void;
   /** The /metrics text, given this process's registry; default: this process's metrics alone. */
@@ -77,6 +81,8 @@ const healthProbeIntervalMs = 1000;
  */
 export async function startService(config: ServiceConfig, hooks: ServiceHooks = {}): Promise<RunningService> {
   const logger = hooks.logger ?? createLogger(config.logLevel);
+  const tracing = hooks.tracer ? undefined : await tracingFromEnv();
+  const tracer = hooks.tracer ?? tracing?.tracer;
   const logError = hooks.logError ?? ((message: string, cause: unknown) => logger.error({ err: cause }, message));
   const sql = createSql({
     url: config.databaseUrl,
@@ -116,7 +122,7 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
     });
     const server = await startServer({
       services: [registration(KeysDriverService, handlers)],
-      observers: { metrics, logError, logger },
+      observers: { metrics, logError, logger, tracer },
       health,
       limits: config.connectionLimits,
       host: config.host,
@@ -141,12 +147,14 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
         await probing.close();
         await running.close();
         await sql.end({ timeout: 5 });
+        await tracing?.shutdown();
       },
     };
   } catch (err) {
     await probe?.close();
     await feed?.close();
     await sql.end({ timeout: 1 });
+    await tracing?.shutdown();
     throw err;
   }
 }

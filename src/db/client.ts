@@ -1,5 +1,7 @@
 import { AsyncLocalStorage } from "node:async_hooks";
+import type { Context, Tracer } from "@opentelemetry/api";
 import type Postgres from "postgres";
+import { endStatementSpan, startStatementSpan } from "../tracing.js";
 import postgres from "./postgres.js";
 
 /** The postgres.js client type this service runs its SQL on. */
@@ -124,6 +126,12 @@ function checkResult(result: unknown): ResultMismatchError | undefined {
   return undefined;
 }
 
+/** The tracer and parent (the call's span) of a call's statement spans. */
+export interface StatementTrace {
+  readonly tracer: Tracer;
+  readonly parent: Context;
+}
+
 /**
  * The statements of one call, to be cancelled together when the call ends
  * early. A plain object rather than an AbortSignal: it is made for every
@@ -133,6 +141,9 @@ export class StatementScope {
   aborted = false;
   reason: unknown;
   private cancels: Set<() => void> | undefined;
+
+  /** `trace`: where the statements' spans go, when tracing is on. */
+  constructor(readonly trace?: StatementTrace) {}
 
   /** Calls `cancel` on abort (at once if already aborted); returns how to stop that. */
   onAbort(cancel: () => void): () => void {
@@ -224,15 +235,18 @@ function checkQuery(query: unknown): void {
   if (!isPendingQuery(query)) return;
   const scope = callScopes.getStore();
   const stop = scope ? cancelOnAbort(query, scope) : undefined;
+  const span = scope?.trace ? startStatementSpan(scope.trace.tracer, scope.trace.parent) : undefined;
   const { resolve, reject } = query;
   query.resolve = (result) => {
     stop?.();
     const mismatch = checkResult(result);
+    if (span) endStatementSpan(span, (query as { string?: unknown }).string, mismatch);
     if (mismatch) reject(mismatch);
     else resolve(result);
   };
   query.reject = (error) => {
     stop?.();
+    if (span) endStatementSpan(span, (query as { string?: unknown }).string, error);
     reject(error);
   };
 }
