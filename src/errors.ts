@@ -104,7 +104,7 @@ const defaultRetryAfterMs = 1000;
 
 // The transports' own words for a message over the size limit (grpc-js,
 // connect-es): retrying the same message can never succeed, so no RetryInfo.
-const tooLarge = /larger than (max|configured readMaxBytes)/;
+const tooLarge = /larger than/;
 
 const typeOf = (d: ConnectError["details"][number]) => ("desc" in d ? d.desc.typeName : d.type);
 
@@ -122,6 +122,10 @@ export function withErrorDetails(error: ConnectError): ConnectError {
   if (!types.has(ErrorInfoSchema.typeName)) {
     const reason = oversize ? "MESSAGE_TOO_LARGE" : codeName(error.code);
     added.push(detail(ErrorInfoSchema, { reason, domain: errorDomain }));
+  }
+  if (error.code === Code.InvalidArgument && !types.has(BadRequestSchema.typeName)) {
+    // A transport's own INVALID_ARGUMENT (a bad timeout header, a body it cannot decompress): no field to name.
+    added.unshift(detail(BadRequestSchema, { fieldViolations: [{ field: "", description: error.rawMessage }] }));
   }
   const retryable = error.code === Code.Unavailable || (error.code === Code.ResourceExhausted && !oversize);
   if (retryable && !types.has(RetryInfoSchema.typeName)) added.push(retryInfo(defaultRetryAfterMs));

@@ -69,6 +69,8 @@ function observe(method: DescMethod, observers: CallObservers, context: HandlerC
     const level = code === "OK" ? "debug" : levelOf(code);
     if (!logger.isLevelEnabled(level)) return;
     const trace = traceparentPattern.exec(context?.requestHeader.get("traceparent") ?? "");
+    // All-zero ids are invalid (W3C): not a trace to follow.
+    const traced = trace && !/^0+$/.test(trace[1] ?? "") && !/^0+$/.test(trace[2] ?? "") ? trace : undefined;
     logger[level](
       {
         rpc: { service: method.parent.typeName, method: method.name, protocol: context?.protocolName },
@@ -76,8 +78,8 @@ function observe(method: DescMethod, observers: CallObservers, context: HandlerC
         reason,
         duration_ms: Math.round(elapsedMs * 1000) / 1000,
         request_id: idOfRequest(),
-        trace_id: trace?.[1],
-        span_id: trace?.[2],
+        trace_id: traced?.[1],
+        span_id: traced?.[2],
       },
       code === "OK" ? "call" : "call failed",
     );

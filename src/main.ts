@@ -14,7 +14,8 @@ import { startService } from "./service.js";
 
 // The executable (`npm start`): prepare the database, run the background
 // jobs, serve (here, or in worker processes) until asked to stop, then drain
-// and stop in reverse order.
+// and stop in reverse order. stdout carries the JSON log (src/log.ts); the
+// messages for people (the welcome, start-up and stop) go to stderr.
 
 const name = "keys-driver-service";
 
@@ -50,15 +51,15 @@ function startJobs(config: Config, sql: Sql, metrics: JobMetrics): PeriodicJob[]
 
 function printWelcome(address: string, db: PreparedDatabase, workers: number): void {
   const where = workers > 1 ? `${address}, ${workers} workers` : address;
-  console.log(
-    `KeysDriverService listening on ${where} (gRPC over h2c; Connect and gRPC-Web over HTTP/1.1; database: ${db.embedded ? "embedded PostgreSQL" : "DATABASE_URL"})`,
+  console.error(
+    `KeysDriverService listening on ${where} (gRPC over h2c; Connect and gRPC-Web over HTTP/1.1 and h2c; database: ${db.embedded ? "embedded PostgreSQL" : "DATABASE_URL"})`,
   );
-  console.log("Try:");
+  console.error("Try:");
   // The demo data is loaded into the embedded database only.
   const call = db.embedded
     ? `--data '{"tenantId":"${demoTenants.acme}","keyId":"${demoKeys.acmeProduction}"}' \\\n    http://${address}/keysdriver.v1.KeysDriverService/FetchKeyById`
     : `--list-methods http://${address}`;
-  console.log(`  npx buf curl --protocol grpc --http2-prior-knowledge \\\n    ${call}`);
+  console.error(`  npx buf curl --protocol grpc --http2-prior-knowledge \\\n    ${call}`);
 }
 
 /** Serves in this process until a shutdown signal, then drains. */
@@ -74,18 +75,18 @@ async function serveHere(
   );
   printWelcome(service.address, db, 1);
   const signal = await shutdown.requested;
-  console.log(`${signal}: draining calls (up to ${config.shutdownGraceMs} ms), then stopping`);
+  console.error(`${signal}: draining calls (up to ${config.shutdownGraceMs} ms), then stopping`);
   await service.close(config.shutdownGraceMs);
 }
 
 async function run(config: Config, shutdown: ShutdownRequest): Promise<void> {
   if (cluster.isWorker) return await runWorker(config, shutdown);
-  const db = await prepareDatabase(config, { onNotice: (message) => console.log(`${name}: ${message}`) });
+  const db = await prepareDatabase(config, { onNotice: (message) => console.error(`${name}: ${message}`) });
   const jobMetrics = createJobMetrics();
   const jobs = startJobs(config, db.sql, jobMetrics);
   try {
     if (shutdown.signal !== undefined) {
-      console.log(`${shutdown.signal} during start-up: stopping`);
+      console.error(`${shutdown.signal} during start-up: stopping`);
     } else if (config.workers > 1) {
       const welcome = (address: string) => printWelcome(address, db, config.workers);
       await runWorkers(config, db.url, shutdown, welcome, jobMetrics.registry);
@@ -96,7 +97,7 @@ async function run(config: Config, shutdown: ShutdownRequest): Promise<void> {
     await Promise.all(jobs.map((job) => job.stop()));
     await db.close();
   }
-  console.log("stopped");
+  console.error("stopped");
 }
 
 const shutdown = listenForShutdown((signal) => {
@@ -114,6 +115,9 @@ try {
     }, config.shutdownGraceMs + 20_000).unref();
   });
   await run(config, shutdown);
+  // Everything is closed; a timer left behind (an unreachable trace
+  // collector's retries) must not hold the process.
+  process.exit(process.exitCode ?? 0);
 } catch (err) {
   if (err instanceof StartError) console.error(`${name}: ${err.message}`);
   else console.error(`${name} failed:`, err);

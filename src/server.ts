@@ -109,11 +109,15 @@ function closeIfAnsweredUnread(req: http.IncomingMessage, res: http.ServerRespon
 
 type HttpResponse = http.ServerResponse | http2.Http2ServerResponse;
 
-/** The gRPC protocol's content types; gRPC-Web's ("application/grpc-web…") are not among them. */
+/**
+ * The gRPC protocol with protobuf messages, which grpc-js serves. gRPC-Web
+ * ("application/grpc-web…") and gRPC with JSON messages
+ * ("application/grpc+json") are connect-node's.
+ */
 function isGrpc(contentType: string | undefined): boolean {
   if (contentType === undefined || !contentType.startsWith("application/grpc")) return false;
-  const next = contentType.charAt("application/grpc".length);
-  return next === "" || next === "+" || next === ";";
+  const rest = contentType.slice("application/grpc".length);
+  return rest === "" || rest.startsWith("+proto") || rest.startsWith(";");
 }
 
 /**

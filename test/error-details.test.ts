@@ -1,4 +1,5 @@
 import { execFile } from "node:child_process";
+import http2 from "node:http2";
 import path from "node:path";
 import { promisify } from "node:util";
 import { Code } from "@connectrpc/connect";
@@ -128,6 +129,44 @@ describe("error details (google.rpc)", () => {
       expect(details.map((d) => d.type)).to.deep.equal(["google.rpc.ErrorInfo"]);
     } finally {
       client.close();
+    }
+  });
+
+  it("answers a bad grpc-timeout and an undecompressable body INVALID_ARGUMENT on gRPC too (grpc-js says INTERNAL)", async () => {
+    const session = http2.connect(`http://${service.server.address}`);
+    const call = (headers: http2.OutgoingHttpHeaders, body: Buffer) =>
+      new Promise<http2.IncomingHttpHeaders>((resolve, reject) => {
+        const stream = session.request({
+          ":method": "POST",
+          ":path": "/keysdriver.v1.KeysDriverService/CountKeys",
+          "content-type": "application/grpc",
+          te: "trailers",
+          ...headers,
+        });
+        let status: http2.IncomingHttpHeaders = {};
+        stream.on("response", (h) => (status = h));
+        stream.on("trailers", (t) => (status = t));
+        stream.on("data", () => {});
+        stream.on("close", () => resolve(status));
+        stream.on("error", reject);
+        stream.end(body);
+      });
+    try {
+      const empty = Buffer.from([0, 0, 0, 0, 0]);
+      const garbage = Buffer.concat([Buffer.from([1, 0, 0, 0, 4]), Buffer.from("nope")]);
+      for (const [headers, body, reason] of [
+        [{ "grpc-timeout": "abc" }, empty, "INVALID_HEADER"],
+        [{ "grpc-encoding": "gzip" }, garbage, "MALFORMED_REQUEST"],
+      ] as const) {
+        const status = await call(headers, body);
+        expect(status["grpc-status"], JSON.stringify(headers)).to.equal(String(grpc.status.INVALID_ARGUMENT));
+        const bin = Buffer.from(String(status["grpc-status-details-bin"]), "base64");
+        const err = new RpcError(Code.InvalidArgument, "", detailsOfStatus(bin));
+        expect(errorInfo(err)?.reason).to.equal(reason);
+        expect(err.find(BadRequestSchema)).to.have.length(1);
+      }
+    } finally {
+      session.destroy();
     }
   });
 

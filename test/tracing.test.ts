@@ -1,3 +1,4 @@
+import { spawn } from "node:child_process";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { create, toBinary } from "@bufbuild/protobuf";
@@ -143,6 +144,49 @@ describe("tracing (OpenTelemetry)", () => {
 });
 
 describe("tracing configuration", () => {
+  it("does not hold up the process's stop when the collector cannot be reached", async function () {
+    this.timeout(40_000);
+    const db = await createTestDatabase();
+    const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+      env: {
+        ...process.env,
+        DATABASE_URL: db.url,
+        PORT: "0",
+        ROLLUP_INTERVAL_MS: "0",
+        OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:1",
+      },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    try {
+      let output = "";
+      const port = await new Promise<number>((resolve, reject) => {
+        const seen = (d: Buffer) => {
+          output += d;
+          const m = /listening on [\d.]+:(\d+)/.exec(output);
+          if (m) resolve(Number(m[1]));
+        };
+        child.stdout?.on("data", seen);
+        child.stderr?.on("data", seen);
+        child.once("exit", (code) => reject(new Error(`exited (${code}):\n${output}`)));
+      });
+      for (let i = 0; i < 5; i++) {
+        await fetch(`http://127.0.0.1:${port}/keysdriver.v1.KeysDriverService/CountKeys`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ tenantId: newTenant() }),
+        });
+      }
+      const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+      const stopping = performance.now();
+      child.kill("SIGTERM");
+      expect(await exited).to.equal(0);
+      expect(performance.now() - stopping).to.be.below(6000);
+    } finally {
+      child.kill("SIGKILL");
+      await db.drop();
+    }
+  });
+
   it("is off unless an OTLP endpoint is configured", async () => {
     expect(await tracingFromEnv({})).to.equal(undefined);
     expect(

@@ -103,7 +103,7 @@ export async function runWorkers(
     return "start failure";
   });
   stopping = true;
-  if (failure === undefined) console.log(`${signal}: draining ${workers.size} workers, then stopping`);
+  if (failure === undefined) console.error(`${signal}: draining ${workers.size} workers, then stopping`);
   await Promise.all(
     [...workers].map(
       (w) =>

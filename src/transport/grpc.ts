@@ -5,7 +5,7 @@ import { Code, ConnectError, type ContextValues, createContextValues, type Handl
 import * as grpc from "@grpc/grpc-js";
 import * as serverInterceptors from "@grpc/grpc-js/build/src/server-interceptors.js";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
-import { withErrorDetails } from "../errors.js";
+import { invalidArgument, withErrorDetails } from "../errors.js";
 import { onCallEnd } from "../interceptors.js";
 import { malformedRequest } from "./malformed.js";
 
@@ -73,12 +73,27 @@ function statusMetadata(error: ConnectError): grpc.Metadata {
   return metadata;
 }
 
+// Two of the caller's mistakes that grpc-js answers INTERNAL (as grpc-go
+// does); the other protocols say INVALID_ARGUMENT, and so does this server.
+const callerMistakes: [RegExp, string][] = [
+  [/^Invalid grpc-timeout value/, "grpc-timeout"],
+  [/^Failed to decompress message/, ""],
+];
+
 // A status grpc-js made itself, with the details every error carries added.
 function withStatusDetails<S extends { code: grpc.status; details?: string; metadata?: grpc.Metadata | null }>(
   status: S,
 ): S {
   if (status.code === grpc.status.OK || status.metadata?.get(statusDetailsKey).length) return status;
-  const error = withErrorDetails(new ConnectError(status.details ?? "", status.code as number as Code));
+  const text = status.details ?? "";
+  const mistake = status.code === grpc.status.INTERNAL ? callerMistakes.find(([p]) => p.test(text)) : undefined;
+  if (mistake) {
+    const error = invalidArgument(mistake[1], text, mistake[1] === "" ? "MALFORMED_REQUEST" : "INVALID_HEADER");
+    const metadata = status.metadata?.clone() ?? new grpc.Metadata();
+    metadata.merge(statusMetadata(withErrorDetails(error)));
+    return { ...status, code: grpc.status.INVALID_ARGUMENT, details: error.rawMessage, metadata };
+  }
+  const error = withErrorDetails(new ConnectError(text, status.code as number as Code));
   const metadata = status.metadata?.clone() ?? new grpc.Metadata();
   metadata.merge(statusMetadata(error));
   return { ...status, metadata };
