@@ -6,7 +6,7 @@ import { cancellingStatements, StatementScope, type StatementTrace } from "./db/
 import { codeName, type ErrorLogger, reasonOf, requestInfo, toConnectError, withErrorDetails } from "./errors.js";
 import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
-import { endCallSpan, startCallSpan } from "./tracing.js";
+import { type CallSpan, endCallSpan, startCallSpan } from "./tracing.js";
 import { rejectMalformed } from "./transport/malformed.js";
 
 /**
@@ -41,84 +41,101 @@ const requestIdPattern = /^[\w.:-]{1,128}$/;
 /** W3C trace context: version-traceid-parentid-flags. */
 const traceparentPattern = /^[\da-f]{2}-([\da-f]{32})-([\da-f]{16})-[\da-f]{2}$/;
 
-/** One call being observed: its failure mapped to a status, its end counted and logged. */
-function observe(method: DescMethod, observers: CallObservers, context: HandlerContext | undefined) {
-  const logger = observers.logger;
-  const tracer = observers.tracer;
-  const timed = observers.metrics !== undefined || logger !== undefined;
-  const started = timed ? performance.now() : 0;
-  const span = tracer
-    ? startCallSpan(
+/**
+ * One call being observed: its failure mapped to a status, its end counted,
+ * logged and traced. A class: a call makes one object, not a closure per step.
+ */
+class CallObservation {
+  private readonly started: number;
+  private code = "OK";
+  private reason: string | undefined;
+  private requestId: string | undefined;
+  private readonly span: CallSpan | undefined;
+  /** Where the call's statements report their spans, when tracing is on. */
+  readonly trace: StatementTrace | undefined;
+
+  constructor(
+    private readonly method: DescMethod,
+    private readonly observers: CallObservers,
+    private readonly context: HandlerContext | undefined,
+  ) {
+    const timed = observers.metrics !== undefined || observers.logger !== undefined;
+    this.started = timed ? performance.now() : 0;
+    const tracer = observers.tracer;
+    if (tracer) {
+      this.span = startCallSpan(
         tracer,
         { service: method.parent.typeName, method: method.name, protocol: context?.protocolName },
         context?.requestHeader,
-      )
-    : undefined;
-  let code = "OK";
-  let reason: string | undefined;
-  let requestId: string | undefined;
-  const idOfRequest = () => {
-    if (requestId === undefined) {
-      const given = context?.requestHeader.get("x-request-id");
-      requestId = given && requestIdPattern.test(given) ? given : randomUUID();
+      );
+      this.trace = { tracer, parent: this.span.context };
     }
-    return requestId;
-  };
-  const log = (elapsedMs: number) => {
-    if (!logger) return;
+  }
+
+  private idOfRequest(): string {
+    if (this.requestId === undefined) {
+      const given = this.context?.requestHeader.get("x-request-id");
+      this.requestId = given && requestIdPattern.test(given) ? given : randomUUID();
+    }
+    return this.requestId;
+  }
+
+  failed(err: unknown): ConnectError {
+    const error = withErrorDetails(toConnectError(err, this.observers.logError));
+    this.code = codeName(error.code);
+    this.reason = reasonOf(error);
+    // The caller learns the id its failure was logged under.
+    return new ConnectError(
+      error.rawMessage,
+      error.code,
+      error.metadata,
+      [...error.details.filter((d) => "desc" in d), requestInfo(this.idOfRequest())],
+      error.cause,
+    );
+  }
+
+  /** The call ended early by the client's cancel or its deadline: counted so, never logged. */
+  endedBy(context: HandlerContext | undefined): ConnectError | undefined {
+    if (!context?.signal.aborted) return undefined;
+    const reason = context.signal.reason;
+    const error =
+      reason instanceof ConnectError && (reason.code === Code.Canceled || reason.code === Code.DeadlineExceeded)
+        ? reason
+        : new ConnectError("the client cancelled the call", Code.Canceled);
+    this.code = codeName(error.code);
+    return error;
+  }
+
+  ended(): void {
+    if (this.span) endCallSpan(this.span, this.code, this.reason);
+    const { metrics, logger } = this.observers;
+    if (!metrics && !logger) return;
+    const elapsedMs = performance.now() - this.started;
+    metrics?.record(this.method, this.code, elapsedMs / 1000);
+    if (logger) this.log(logger, elapsedMs);
+  }
+
+  private log(logger: Logger, elapsedMs: number): void {
+    const code = this.code;
     const level = code === "OK" ? "debug" : levelOf(code);
     if (!logger.isLevelEnabled(level)) return;
-    const trace = traceparentPattern.exec(context?.requestHeader.get("traceparent") ?? "");
+    const headers = this.context?.requestHeader;
+    const trace = traceparentPattern.exec(headers?.get("traceparent") ?? "");
     // All-zero ids are invalid (W3C): not a trace to follow.
     const traced = trace && !/^0+$/.test(trace[1] ?? "") && !/^0+$/.test(trace[2] ?? "") ? trace : undefined;
     logger[level](
       {
-        rpc: { service: method.parent.typeName, method: method.name, protocol: context?.protocolName },
+        rpc: { service: this.method.parent.typeName, method: this.method.name, protocol: this.context?.protocolName },
         code,
-        reason,
+        reason: this.reason,
         duration_ms: Math.round(elapsedMs * 1000) / 1000,
-        request_id: idOfRequest(),
+        request_id: this.idOfRequest(),
         trace_id: traced?.[1],
         span_id: traced?.[2],
       },
       code === "OK" ? "call" : "call failed",
     );
-  };
-  return {
-    /** Where the call's statements report their spans, when tracing is on. */
-    trace: tracer && span ? { tracer, parent: span.context } : undefined,
-    failed(err: unknown): ConnectError {
-      const error = withErrorDetails(toConnectError(err, observers.logError));
-      code = codeName(error.code);
-      reason = reasonOf(error);
-      // The caller learns the id its failure was logged under.
-      return new ConnectError(
-        error.rawMessage,
-        error.code,
-        error.metadata,
-        [...error.details.filter((d) => "desc" in d), requestInfo(idOfRequest())],
-        error.cause,
-      );
-    },
-    /** The call ended early by the client's cancel or its deadline: counted so, never logged. */
-    endedBy(context: HandlerContext | undefined): ConnectError | undefined {
-      if (!context?.signal.aborted) return undefined;
-      const reason = context.signal.reason;
-      const error =
-        reason instanceof ConnectError && (reason.code === Code.Canceled || reason.code === Code.DeadlineExceeded)
-          ? reason
-          : new ConnectError("the client cancelled the call", Code.Canceled);
-      code = codeName(error.code);
-      return error;
-    },
-    ended(): void {
-      if (span) endCallSpan(span, code, reason);
-      if (!timed) return;
-      const elapsedMs = performance.now() - started;
-      observers.metrics?.record(method, code, elapsedMs / 1000);
-      log(elapsedMs);
-    },
-  };
+  }
 }
 
 /**
@@ -193,7 +210,7 @@ function untilAborted<T>(context: HandlerContext, work: () => Promise<T>, trace?
 
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
   return async (request, context) => {
-    const call = observe(method, observers, context);
+    const call = new CallObservation(method, observers, context);
     try {
       rejectMalformed(request, method.input.typeName);
       if (!context) return await handler(request, context);
@@ -208,7 +225,7 @@ function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObs
 
 function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallObservers): StreamHandler {
   return async function* (request, context) {
-    const call = observe(method, observers, context);
+    const call = new CallObservation(method, observers, context);
     try {
       rejectMalformed(request, method.input.typeName);
       yield* handler(request, context);

@@ -95,8 +95,9 @@ export function createMetrics(sources: MetricSources = {}): Metrics {
     });
   }
 
-  // Labelled children are looked up once per method and code, not per call.
-  const handledBy = new Map<string, Counter.Internal>();
+  // Labelled children are made once per method and code, then found by the
+  // method object and the code string, without building a key per call.
+  const handledBy = new Map<DescMethod, Map<string, Counter.Internal>>();
   const handlingBy = new Map<DescMethod, Histogram.Internal<string>>();
   const labelsOf = (method: DescMethod) => ({
     grpc_service: method.parent.typeName,
@@ -106,11 +107,15 @@ export function createMetrics(sources: MetricSources = {}): Metrics {
   return {
     registry,
     record(method, code, seconds) {
-      const key = `${method.parent.typeName}/${method.name} ${code}`;
-      let counter = handledBy.get(key);
+      let byCode = handledBy.get(method);
+      if (!byCode) {
+        byCode = new Map();
+        handledBy.set(method, byCode);
+      }
+      let counter = byCode.get(code);
       if (!counter) {
         counter = handled.labels({ ...labelsOf(method), grpc_code: code });
-        handledBy.set(key, counter);
+        byCode.set(code, counter);
       }
       counter.inc();
       let histogram = handlingBy.get(method);
