@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
-import { cancellingStatements, StatementScope, type StatementTrace } from "./db/client.js";
+import { StatementScope, type StatementTrace, setCallStatements } from "./db/client.js";
 import { codeName, type ErrorLogger, reasonOf, requestInfo, toConnectError, withErrorDetails } from "./errors.js";
 import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
@@ -160,10 +160,10 @@ const deadlinePassed = () => new ConnectError("the deadline passed before the ca
 /**
  * `work`, but settled by the call's signal when it aborts first (the
  * deadline passed, or the client cancelled): the call ends then, with
- * DEADLINE_EXCEEDED or CANCELLED, and every statement `work` started is
- * cancelled (cancellingStatements); what `work` does after that is ignored.
- * The statements are tied to the call only while `work` runs, so a call
- * that has ended cancels nothing it left behind on purpose.
+ * DEADLINE_EXCEEDED or CANCELLED, and every statement `work` started
+ * through the call's sql (sqlForCall, the store's forCall) is cancelled;
+ * what `work` does after that is ignored. What a call leaves running on
+ * purpose goes through the pool's own sql (unscopedSql), tied to no call.
  */
 function untilAborted<T>(context: HandlerContext, work: () => Promise<T>, trace?: StatementTrace): Promise<T> {
   // The client gives up at its deadline too, and its cancel can arrive
@@ -193,7 +193,8 @@ function untilAborted<T>(context: HandlerContext, work: () => Promise<T>, trace?
       stopListening = () => signal.removeEventListener("abort", listener);
     }
     if (settled) return;
-    cancellingStatements(statements, work).then(
+    setCallStatements(context, statements);
+    work().then(
       (value) => {
         settled = true;
         stopListening();

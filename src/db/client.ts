@@ -1,4 +1,3 @@
-import { AsyncLocalStorage } from "node:async_hooks";
 import type { Context, Tracer } from "@opentelemetry/api";
 import type Postgres from "postgres";
 import { endStatementSpan, startStatementSpan } from "../tracing.js";
@@ -167,28 +166,18 @@ export class StatementScope {
   }
 }
 
-// The scope of the call whose statements run in this async context.
-const callScopes = new AsyncLocalStorage<StatementScope>();
+// The statements of each call being served, by the call's context (set
+// where the call's handler is run, src/interceptors.ts).
+const callStatements = new WeakMap<object, StatementScope>();
 
-/**
- * Runs `work` so that every statement it starts is cancelled when `scope`
- * aborts (the caller's deadline passed, or it cancelled): a statement
- * waiting for a connection leaves the queue, one running is cancelled on
- * the server (a CancelRequest, as psql's Ctrl-C), and one that `work` would
- * start afterwards fails at once with the scope's reason instead of running
- * after the caller has gone.
- */
-export function cancellingStatements<T>(scope: StatementScope, work: () => Promise<T>): Promise<T> {
-  return callScopes.run(scope, work);
+/** Ties the statements of the call with `context` to `scope`: see sqlForCall. */
+export function setCallStatements(context: object, scope: StatementScope): void {
+  callStatements.set(context, scope);
 }
 
-/**
- * Runs `work` outside any call's cancellation: for statements a call starts
- * on behalf of others (the feed's shared read, a wake-up sent after a
- * write), which must outlive it.
- */
-export function detachedFromCall<T>(work: () => T): T {
-  return callScopes.exit(work);
+/** The scope of the call with `context`, if its statements are tied to one. */
+export function callStatementsOf(context: object | undefined): StatementScope | undefined {
+  return context ? callStatements.get(context) : undefined;
 }
 
 /**
@@ -199,15 +188,10 @@ export function detachedFromCall<T>(work: () => T): T {
  * cancels whatever runs next on that connection, another call's. Such a
  * statement did nothing and can be run again (see ./store.ts).
  */
-export function isStrayCancel(err: unknown): boolean {
+export function isStrayCancel(err: unknown, scope?: StatementScope): boolean {
   if (typeof err !== "object" || err === null) return false;
   const { code, message } = err as { code?: unknown; message?: unknown };
-  return (
-    code === "57014" &&
-    typeof message === "string" &&
-    message.includes("user request") &&
-    callScopes.getStore()?.aborted !== true
-  );
+  return code === "57014" && typeof message === "string" && message.includes("user request") && scope?.aborted !== true;
 }
 
 interface CancellableQuery {
@@ -231,9 +215,8 @@ function cancelOnAbort(query: PendingQuery & CancellableQuery, scope: StatementS
   });
 }
 
-function checkQuery(query: unknown): void {
+function checkQuery(query: unknown, scope: StatementScope | undefined): void {
   if (!isPendingQuery(query)) return;
-  const scope = callScopes.getStore();
   const stop = scope ? cancelOnAbort(query, scope) : undefined;
   const span = scope?.trace ? startStatementSpan(scope.trace.tracer, scope.trace.parent) : undefined;
   const { resolve, reject } = query;
@@ -251,6 +234,56 @@ function checkQuery(query: unknown): void {
   };
 }
 
+const rawKey = Symbol("raw sql");
+const rootKey = Symbol("unscoped sql");
+
+/**
+ * The traps of a checked `sql` (see checkedResults): a class, so that the
+ * `sql` of each call is one Proxy and one small object.
+ */
+class CheckedSql implements ProxyHandler<Sql> {
+  constructor(
+    private readonly scope: StatementScope | undefined,
+    private readonly root: Sql | undefined,
+  ) {}
+
+  apply(target: Sql, self: unknown, args: unknown[]): unknown {
+    const query: unknown = Reflect.apply(target as unknown as (...a: unknown[]) => unknown, self, args);
+    checkQuery(query, this.scope);
+    return query;
+  }
+
+  get(target: Sql, property: string | symbol, receiver: unknown): unknown {
+    if (property === rawKey) return target;
+    if (property === rootKey) return this.root ?? receiver;
+    const value: unknown = Reflect.get(target, property, receiver);
+    if (typeof value !== "function") return value;
+    const scope = this.scope;
+    switch (property) {
+      case "unsafe":
+        return (...args: unknown[]) => {
+          const query: unknown = Reflect.apply(value, target, args);
+          checkQuery(query, scope);
+          return query;
+        };
+      case "begin":
+      case "savepoint":
+        // begin([options,] fn) and savepoint([name,] fn): the sql they hand fn is checked too.
+        return (...args: unknown[]) => {
+          const last = args.at(-1);
+          if (typeof last === "function") {
+            args[args.length - 1] = (tx: Sql) => last(checkedResults(tx, scope));
+          }
+          return Reflect.apply(value, target, args);
+        };
+      case "reserve":
+        return async () => checkedResults(await (value as () => Promise<Sql>).call(target), scope);
+      default:
+        return value;
+    }
+  }
+}
+
 /**
  * `sql`, with every statement it (and every transaction, savepoint or
  * reserved connection it opens) runs checked before it resolves: a result whose
@@ -258,40 +291,33 @@ function checkQuery(query: unknown): void {
  * ResultMismatchError instead of reaching a caller. postgres.js 3.4.x can
  * produce such a result after a statement fails part-way (see
  * ./postgres-fixes.js, which fixes the cause); this guard keeps any
- * recurrence from turning into a wrong answer.
+ * recurrence from turning into a wrong answer. With a `scope`, every
+ * statement is also cancelled when the scope aborts (see sqlForCall).
  */
-export function checkedResults<S extends Sql>(sql: S): S {
-  return new Proxy(sql, {
-    apply(target, self, args) {
-      const query: unknown = Reflect.apply(target, self, args);
-      checkQuery(query);
-      return query;
-    },
-    get(target, property, receiver) {
-      const value: unknown = Reflect.get(target, property, receiver);
-      if (typeof value !== "function") return value;
-      switch (property) {
-        case "unsafe":
-          return (...args: unknown[]) => {
-            const query: unknown = Reflect.apply(value, target, args);
-            checkQuery(query);
-            return query;
-          };
-        case "begin":
-        case "savepoint":
-          // begin([options,] fn) and savepoint([name,] fn): the sql they hand fn is checked too.
-          return (...args: unknown[]) => {
-            const last = args.at(-1);
-            if (typeof last === "function") {
-              args[args.length - 1] = (tx: Sql) => last(checkedResults(tx));
-            }
-            return Reflect.apply(value, target, args);
-          };
-        case "reserve":
-          return async () => checkedResults(await (value as () => Promise<Sql>).call(target));
-        default:
-          return value;
-      }
-    },
-  });
+export function checkedResults<S extends Sql>(sql: S, scope?: StatementScope, root?: Sql): S {
+  return new Proxy(sql, new CheckedSql(scope, root)) as S;
+}
+
+/**
+ * The pool `sql` for one call: every statement it starts is cancelled when
+ * `scope` aborts (the caller's deadline passed, or it cancelled): a
+ * statement waiting for a connection leaves the queue, one running is
+ * cancelled on the server (a CancelRequest, as psql's Ctrl-C), and one
+ * started afterwards fails at once with the scope's reason instead of
+ * running after the caller has gone. Passed explicitly, not found through
+ * the async context: AsyncLocalStorage costs every promise of the process
+ * a hook on Node 20.
+ */
+export function sqlForCall(sql: Sql, scope: StatementScope): Sql {
+  const tagged = sql as unknown as Record<symbol, Sql | undefined>;
+  return checkedResults(tagged[rawKey] ?? sql, scope, tagged[rootKey] ?? sql);
+}
+
+/**
+ * The pool `sql` a call's `sql` came from, tied to no call: for statements
+ * a call starts on behalf of others (a wake-up sent after a write), which
+ * must outlive it.
+ */
+export function unscopedSql(sql: Sql): Sql {
+  return (sql as unknown as Record<symbol, Sql | undefined>)[rootKey] ?? sql;
 }

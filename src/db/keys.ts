@@ -1,5 +1,5 @@
 import type { Micros } from "../micros.js";
-import { detachedFromCall, type Sql } from "./client.js";
+import { type Sql, unscopedSql } from "./client.js";
 import { timestampAt } from "./time.js";
 
 /** The status values the api_keys.status column allows. */
@@ -138,10 +138,11 @@ const wakeUps = new WeakMap<Sql, { sending: boolean; owed: boolean }>();
  * the feed's slow poll, as is a failed one.
  */
 function wakeFeedReaders(sql: Sql): void {
-  let state = wakeUps.get(sql);
+  const pool = unscopedSql(sql);
+  let state = wakeUps.get(pool);
   if (state === undefined) {
     state = { sending: false, owed: false };
-    wakeUps.set(sql, state);
+    wakeUps.set(pool, state);
   }
   if (state.sending) {
     state.owed = true;
@@ -150,16 +151,13 @@ function wakeFeedReaders(sql: Sql): void {
   state.sending = true;
   const wake = state;
   // Sent for every watcher, not for the call that wrote: not cancelled with it.
-  detachedFromCall(
-    () =>
-      void (async () => {
-        do {
-          wake.owed = false;
-          await sql`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`.catch(() => {});
-        } while (wake.owed);
-        wake.sending = false;
-      })(),
-  );
+  void (async () => {
+    do {
+      wake.owed = false;
+      await pool`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`.catch(() => {});
+    } while (wake.owed);
+    wake.sending = false;
+  })();
 }
 
 // One statement decides and writes, so a freeze racing an unfreeze cannot

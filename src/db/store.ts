@@ -1,4 +1,4 @@
-import { isStrayCancel, type Sql } from "./client.js";
+import { isStrayCancel, type Sql, type StatementScope, sqlForCall } from "./client.js";
 import * as events from "./events.js";
 import * as keys from "./keys.js";
 import * as usage from "./usage.js";
@@ -42,28 +42,55 @@ export type Store = {
 /** How many times an operation hit by another call's late cancel is run again. */
 const strayCancelRetries = 3;
 
+/** A Store whose operations can be tied to one call, to be cancelled with it. */
+export interface CallScopedStore extends Store {
+  /** The store for one call: its statements are cancelled when `scope` aborts; no scope, this one. */
+  forCall(scope: StatementScope | undefined): Store;
+}
+
+const sqlOf = Symbol("sql");
+const scopeOf = Symbol("scope");
+interface BoundStore {
+  readonly [sqlOf]: Sql;
+  readonly [scopeOf]: StatementScope | undefined;
+}
+
 /**
  * The Store backed by PostgreSQL through `sql`. Each operation is one
  * statement or one transaction, so one cancelled by a cancel meant for
- * another call (isStrayCancel) changed nothing and runs again.
+ * another call (isStrayCancel) changed nothing and runs again. The
+ * operations live on one prototype; a call's store is one object over it
+ * with the call's sql (forCall).
  */
-export function createStore(sql: Sql): Store {
-  const bound: Record<string, unknown> = {};
+export function createStore(sql: Sql): CallScopedStore {
+  const methods: Record<string | symbol, unknown> = {};
   for (const [name, operation] of Object.entries(operations)) {
-    const run = (...args: unknown[]) => (operation as (sql: Sql, ...args: unknown[]) => unknown)(sql, ...args);
-    bound[name] = (...args: unknown[]) => {
-      const first = run(...args);
+    const run = operation as (sql: Sql, ...args: unknown[]) => unknown;
+    methods[name] = function (this: BoundStore, ...args: unknown[]) {
+      const callSql = this[sqlOf];
+      const scope = this[scopeOf];
+      const first = run(callSql, ...args);
       if (!(first instanceof Promise)) return first; // a stream (fetchKeysAtSnapshot)
       return (async () => {
         for (let attempt = 0; ; attempt++) {
           try {
-            return await (attempt === 0 ? first : run(...args));
+            return await (attempt === 0 ? first : run(callSql, ...args));
           } catch (err) {
-            if (attempt >= strayCancelRetries || !isStrayCancel(err)) throw err;
+            if (attempt >= strayCancelRetries || !isStrayCancel(err, scope)) throw err;
           }
         }
       })();
     };
   }
-  return bound as Store;
+  const root = Object.create(methods) as Record<symbol, unknown> & CallScopedStore;
+  root[sqlOf] = sql;
+  root[scopeOf] = undefined;
+  methods.forCall = (scope: StatementScope | undefined): Store => {
+    if (!scope) return root;
+    const store = Object.create(methods) as Record<symbol, unknown>;
+    store[sqlOf] = sqlForCall(sql, scope);
+    store[scopeOf] = scope;
+    return store as unknown as Store;
+  };
+  return root;
 }

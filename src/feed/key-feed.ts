@@ -1,5 +1,5 @@
 import { Code, type ConnectError } from "@connectrpc/connect";
-import { detachedFromCall, isStrayCancel, type Sql } from "../db/client.js";
+import { isStrayCancel, type Sql } from "../db/client.js";
 import {
   type EventRow,
   type EventScope,
@@ -195,8 +195,9 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
       readAgain = true;
       return reading;
     }
-    // Shared by every stream and call waiting on it: not cancelled with any one of them.
-    reading = detachedFromCall(async () => {
+    // Shared by every stream and call waiting on it, on the feed's own sql:
+    // tied to none of them, so not cancelled with any one.
+    reading = (async () => {
       try {
         do {
           readAgain = false;
@@ -247,7 +248,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
       } finally {
         reading = undefined;
       }
-    });
+    })();
     return reading;
   };
 

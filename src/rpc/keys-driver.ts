@@ -1,5 +1,5 @@
 import { create } from "@bufbuild/protobuf";
-import { Code, type ServiceImpl } from "@connectrpc/connect";
+import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   CountKeysResponseSchema,
   FetchKeyByIdResponseSchema,
@@ -11,7 +11,8 @@ import {
   UpdateKeyFrozenResponseSchema,
   UpdateKeyUnfrozenResponseSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
-import type { FreezeOutcome, Store } from "../db/store.js";
+import { callStatementsOf } from "../db/client.js";
+import type { CallScopedStore, FreezeOutcome, Store } from "../db/store.js";
 import { invalidArgument, notFound, rpcError } from "../errors.js";
 import type { KeyFeed } from "../feed/key-feed.js";
 import type { PositionTokens } from "./cursors.js";
@@ -66,14 +67,17 @@ function pageSizeOf(requested: number): number {
  */
 export function createKeysDriverService(deps: KeysDriverDeps) {
   const { store, pageTokens, positions } = deps;
+  // The store of one call: its statements end with the call (deadline, cancel).
+  const storeFor = (context: HandlerContext | undefined): Store =>
+    "forCall" in store ? (store as CallScopedStore).forCall(callStatementsOf(context)) : store;
   return {
-    fetchKeys: async (req) => {
+    fetchKeys: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const pageSize = pageSizeOf(req.pageSize);
       const skip = requireNonNegative("skip", req.skip);
       const cursor = req.pageToken === "" ? undefined : pageTokens.decode(tenantId, req.pageToken);
       // One extra row says whether another page exists without a count.
-      const rows = await store.fetchKeys(tenantId, { cursor, skip, limit: pageSize + 1 });
+      const rows = await storeFor(context).fetchKeys(tenantId, { cursor, skip, limit: pageSize + 1 });
       const page = rows.slice(0, pageSize);
       const last = page.at(-1);
       const nextPageToken =
@@ -83,42 +87,42 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(FetchKeysResponseSchema, { keys: page.map(keySnapshot), nextPageToken });
     },
 
-    countKeys: async (req) => {
+    countKeys: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
-      return create(CountKeysResponseSchema, { count: await store.countKeys(tenantId) });
+      return create(CountKeysResponseSchema, { count: await storeFor(context).countKeys(tenantId) });
     },
 
-    fetchKeyById: async (req) => {
+    fetchKeyById: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
-      const row = await store.fetchKeyById(tenantId, keyId);
+      const row = await storeFor(context).fetchKeyById(tenantId, keyId);
       if (!row) throw notFound("key");
       return create(FetchKeyByIdResponseSchema, { key: keySnapshot(row) });
     },
 
-    fetchKeyUsage: async (req) => {
+    fetchKeyUsage: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
       const sinceUs = requireTimestamp("since", req.since);
       const untilUs = optionalTimestamp("until", req.until);
       if (untilUs !== undefined && sinceUs > untilUs) throw invalidArgument("since", "must not be after until");
-      const row = await store.fetchKeyUsage(tenantId, keyId, { sinceUs, untilUs });
+      const row = await storeFor(context).fetchKeyUsage(tenantId, keyId, { sinceUs, untilUs });
       if (!row) throw notFound("key");
       return create(FetchKeyUsageResponseSchema, { usage: usageSnapshot(keyId, row) });
     },
 
-    fetchKeyForUpdate: async (req) => {
+    fetchKeyForUpdate: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
-      const row = await store.fetchKeyForUpdate(tenantId, keyId);
+      const row = await storeFor(context).fetchKeyForUpdate(tenantId, keyId);
       if (!row) throw notFound("key");
       return create(FetchKeyForUpdateResponseSchema, { key: keySnapshot(row) });
     },
 
-    updateKeyFrozen: async (req) => {
+    updateKeyFrozen: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
-      const outcome = await store.updateKeyFrozen({
+      const outcome = await storeFor(context).updateKeyFrozen({
         tenantId,
         keyId,
         expectedVersion: parseEtag(keyId, req.etag),
@@ -129,10 +133,10 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       return create(UpdateKeyFrozenResponseSchema, freezeResult(outcome));
     },
 
-    updateKeyUnfrozen: async (req) => {
+    updateKeyUnfrozen: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = requireUuid("key_id", req.keyId);
-      const outcome = await store.updateKeyUnfrozen({
+      const outcome = await storeFor(context).updateKeyUnfrozen({
         tenantId,
         keyId,
         expectedVersion: parseEtag(keyId, req.etag),
@@ -144,7 +148,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
 
     watchKeys: createWatchKeys(store, deps.feed, positions, deps.watch),
 
-    listKeyChanges: async (req) => {
+    listKeyChanges: async (req, context) => {
       const tenantId = requireUuid("tenant_id", req.tenantId);
       const keyId = req.keyId === "" ? undefined : requireUuid("key_id", req.keyId);
       const pageSize = pageSizeOf(req.pageSize);
@@ -153,7 +157,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       // stream resuming from its cursor has passed, never one before a
       // position still being committed.
       const upTo = await deps.feed.readNow();
-      const rows = await store.listKeyChanges(tenantId, { keyId, before, upTo, limit: pageSize + 1 });
+      const rows = await storeFor(context).listKeyChanges(tenantId, { keyId, before, upTo, limit: pageSize + 1 });
       const page = rows.slice(0, pageSize);
       const last = page.at(-1);
       const scope = { allTenants: false, tenantId, keyIds: [] } as const;
