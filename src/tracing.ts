@@ -39,16 +39,15 @@ export async function tracingFromEnv(env: Env = process.env): Promise<Tracing | 
   // The signal's own endpoint is used as it is; the base one gets the traces path.
   const url = env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT || (base ? `${base.replace(/\/+$/, "")}/v1/traces` : undefined);
   if (!url) return undefined;
-  const [{ OTLPTraceExporter }, { resourceFromAttributes }, { BatchSpanProcessor, TracerProvider }] = await Promise.all(
-    [
+  const [{ OTLPTraceExporter }, { resourceFromAttributes }, { BatchSpanProcessor, BasicTracerProvider }] =
+    await Promise.all([
       import("@opentelemetry/exporter-trace-otlp-proto"),
       import("@opentelemetry/resources"),
-      import("@opentelemetry/sdk-trace"),
-    ],
-  );
-  const provider = new TracerProvider({
+      import("@opentelemetry/sdk-trace-base"),
+    ]);
+  const provider = new BasicTracerProvider({
     resource: resourceFromAttributes({ "service.name": env.OTEL_SERVICE_NAME || "keys-driver-service" }),
-    spanProcessors: [new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url }) })],
+    spanProcessors: [new BatchSpanProcessor(new OTLPTraceExporter({ url }))],
   });
   return {
     tracer: provider.getTracer("keys-driver-service"),

@@ -6,7 +6,12 @@ import { type Client, createClient, type Interceptor, type Transport } from "@co
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { SpanKind, SpanStatusCode } from "@opentelemetry/api";
-import { InMemorySpanExporter, type ReadableSpan, SimpleSpanProcessor, TracerProvider } from "@opentelemetry/sdk-trace";
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  type ReadableSpan,
+  SimpleSpanProcessor,
+} from "@opentelemetry/sdk-trace-base";
 import { expect } from "chai";
 import { CountKeysRequestSchema, KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import type { RunningService } from "../src/service.js";
@@ -76,7 +81,7 @@ describe("tracing (OpenTelemetry)", () => {
   let db: TestDatabase;
   let service: RunningService;
   const exporter = new InMemorySpanExporter();
-  const provider = new TracerProvider({ spanProcessors: [new SimpleSpanProcessor({ exporter })] });
+  const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
 
   before(async () => {
     db = await createTestDatabase();
