@@ -86,7 +86,8 @@ function integer(env: Env, name: string, fallback: number, min: number, max: num
   return Number(raw);
 }
 
-const logLevels = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
+/** The levels LOG_LEVEL may name (pino's, and "silent"). */
+export const logLevels: readonly string[] = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
 
 function logLevel(env: Env): string {
   const raw = env.LOG_LEVEL;

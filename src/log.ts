@@ -2,7 +2,7 @@ import { type DestinationStream, type Logger, pino } from "pino";
 
 export type { Logger };
 
-const levels = new Set(["fatal", "error", "warn", "info", "debug", "trace", "silent"]);
+import { logLevels } from "./config.js";
 
 /**
  * The service's structured log: one JSON object per line on stdout (pino),
@@ -14,8 +14,8 @@ const levels = new Set(["fatal", "error", "warn", "info", "debug", "trace", "sil
  * caller sent.
  */
 export function createLogger(level = "info", destination?: DestinationStream): Logger {
-  if (!levels.has(level)) {
-    throw new Error(`LOG_LEVEL must be one of ${[...levels].join(", ")}, not ${JSON.stringify(level)}`);
+  if (!logLevels.includes(level)) {
+    throw new Error(`LOG_LEVEL must be one of ${logLevels.join(", ")}, not ${JSON.stringify(level)}`);
   }
   return pino(
     {

@@ -5,7 +5,7 @@ import { expect } from "chai";
 import { RequestInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { createLogger } from "../src/log.js";
 import type { RunningService } from "../src/service.js";
-import { connectProtocolCaller, detailsOfStatus, failure } from "./support/clients.js";
+import { connectProtocolCaller, detailsOfStatus, failure, stringField } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
@@ -49,7 +49,7 @@ describe("the call log (pino)", () => {
         (b: Buffer) => b,
         (b: Buffer) => b,
         // tenant_id = a tenant that does not own the key: NOT_FOUND
-        Buffer.concat([field(1, newTenant()), field(2, keyId)]),
+        Buffer.concat([stringField(1, newTenant()), stringField(2, keyId)]),
         metadata,
         (err) => (err ? resolve(err) : reject(new Error("the call succeeded"))),
       );
@@ -100,9 +100,3 @@ describe("the call log (pino)", () => {
     for (const text of raw) expect(text).to.not.contain(tenantId);
   });
 });
-
-/** A length-delimited protobuf field (a string). */
-function field(number: number, value: string): Buffer {
-  const bytes = Buffer.from(value);
-  return Buffer.concat([Buffer.from([(number << 3) | 2, bytes.length]), bytes]);
-}

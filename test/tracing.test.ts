@@ -16,6 +16,7 @@ import { expect } from "chai";
 import { CountKeysRequestSchema, KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import type { RunningService } from "../src/service.js";
 import { tracingFromEnv } from "../src/tracing.js";
+import { stringField } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
@@ -37,7 +38,7 @@ const protocols: [string, (address: string, tenantId: string, keyId: string) => 
       const client = new grpc.Client(address, grpc.credentials.createInsecure());
       const metadata = new grpc.Metadata();
       metadata.set("traceparent", traceparent);
-      const body = Buffer.concat([field(1, tenantId), field(2, keyId)]);
+      const body = Buffer.concat([stringField(1, tenantId), stringField(2, keyId)]);
       return new Promise((resolve) => {
         client.makeUnaryRequest(
           "/keysdriver.v1.KeysDriverService/FetchKeyById",
@@ -69,12 +70,6 @@ function traced(address: string) {
 async function fetchKey(transport: Transport, tenantId: string, keyId: string): Promise<unknown> {
   const client: Client<typeof KeysDriverService> = createClient(KeysDriverService, transport);
   return client.fetchKeyById({ tenantId, keyId }).catch(() => undefined);
-}
-
-/** A length-delimited protobuf field (a string). */
-function field(number: number, value: string): Buffer {
-  const bytes = Buffer.from(value);
-  return Buffer.concat([Buffer.from([(number << 3) | 2, bytes.length]), bytes]);
 }
 
 describe("tracing (OpenTelemetry)", () => {

@@ -18,6 +18,12 @@ import * as protoLoader from "@grpc/proto-loader";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
 import { KeysDriverService } from "../../gen/keysdriver/v1/keys_driver_pb.js";
 
+/** A length-delimited protobuf field holding a short string, for hand-built request bodies. */
+export function stringField(number: number, value: string): Buffer {
+  const bytes = Buffer.from(value);
+  return Buffer.concat([Buffer.from([(number << 3) | 2, bytes.length]), bytes]);
+}
+
 /** The RpcError a call fails with; fails the test if it succeeds. */
 export async function failure(promise: Promise<unknown>): Promise<RpcError> {
   try {
