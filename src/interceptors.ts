@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
-import { StatementScope, type StatementTrace, setCallStatements } from "./db/client.js";
+import { callStatements, StatementScope, type StatementTrace, type WithCallStatements } from "./db/client.js";
 import { codeName, type ErrorLogger, reasonOf, requestInfo, toConnectError, withErrorDetails } from "./errors.js";
 import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
@@ -138,13 +138,18 @@ class CallObservation {
   }
 }
 
+/** Told when a call ends early (deadline, cancel): see onCallEnd. */
+export interface CallEndListener {
+  callEnded(reason: unknown): void;
+}
+
 /**
  * A handler context that tells when its call ends early (deadline, cancel)
  * without an AbortSignal: the grpc-js transport's (src/transport/grpc.ts).
  */
 export const onCallEnd = Symbol("onCallEnd");
 interface CallEndSource {
-  [onCallEnd](listener: (reason: unknown) => void): void;
+  [onCallEnd](listener: CallEndListener): void;
 }
 
 /**
@@ -158,55 +163,78 @@ const deadlineSlackMs = 100;
 const deadlinePassed = () => new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded);
 
 /**
- * `work`, but settled by the call's signal when it aborts first (the
+ * A call's work, settled by the call's end when that comes first (the
  * deadline passed, or the client cancelled): the call ends then, with
- * DEADLINE_EXCEEDED or CANCELLED, and every statement `work` started
+ * DEADLINE_EXCEEDED or CANCELLED, and every statement the work started
  * through the call's sql (sqlForCall, the store's forCall) is cancelled;
- * what `work` does after that is ignored. What a call leaves running on
+ * what the work does after that is ignored. What a call leaves running on
  * purpose goes through the pool's own sql (unscopedSql), tied to no call.
+ *
+ * A class that is its own listener (onCallEnd's, or the signal's through
+ * handleEvent): it runs on every call, and closures cost more here (the
+ * TypeScript loader names each one it makes).
  */
-function untilAborted<T>(context: HandlerContext, work: () => Promise<T>, trace?: StatementTrace): Promise<T> {
-  // The client gives up at its deadline too, and its cancel can arrive
-  // first: a call whose deadline has passed ended by the deadline.
-  const reasonFor = (reason: unknown) =>
-    (context.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs ? deadlinePassed() : reason;
-  const statements = new StatementScope(trace);
-  return new Promise<T>((resolve, reject) => {
-    let settled = false;
-    const aborted = (reason: unknown) => {
-      if (settled) return;
-      settled = true;
-      const why = reasonFor(reason);
-      statements.abort(why);
-      reject(why);
-    };
+class WorkUntilCallEnds<T> {
+  private settled = false;
+  private resolve: ((value: T) => void) | undefined;
+  private reject: ((reason: unknown) => void) | undefined;
+  private signal: AbortSignal | undefined;
+  private readonly statements: StatementScope;
+
+  constructor(
+    private readonly context: HandlerContext & WithCallStatements,
+    trace: StatementTrace | undefined,
+  ) {
+    this.statements = new StatementScope(trace);
+  }
+
+  run(work: () => Promise<T>): Promise<T> {
+    const context = this.context;
+    const settles = new Promise<T>((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
     // The grpc-js context tells its end without an AbortSignal (cheaper);
     // connect-es's has only the signal.
     const tell = (context as Partial<CallEndSource>)[onCallEnd];
-    let stopListening = () => {};
-    if (tell) tell.call(context, aborted);
+    if (tell) tell.call(context, this);
     else {
       const signal = context.signal;
-      const listener = () => aborted(signal.reason);
-      if (signal.aborted) listener();
-      else signal.addEventListener("abort", listener);
-      stopListening = () => signal.removeEventListener("abort", listener);
+      this.signal = signal;
+      if (signal.aborted) this.callEnded(signal.reason);
+      else signal.addEventListener("abort", this);
     }
-    if (settled) return;
-    setCallStatements(context, statements);
+    if (this.settled) return settles;
+    context[callStatements] = this.statements;
     work().then(
-      (value) => {
-        settled = true;
-        stopListening();
-        resolve(value);
-      },
-      (err: unknown) => {
-        settled = true;
-        stopListening();
-        reject(err);
-      },
+      (value) => this.finished(value, undefined, false),
+      (err: unknown) => this.finished(undefined, err, true),
     );
-  });
+    return settles;
+  }
+
+  /** The signal aborted (EventTarget calls an object listener's handleEvent). */
+  handleEvent(): void {
+    this.callEnded(this.signal?.reason);
+  }
+
+  callEnded(reason: unknown): void {
+    if (this.settled) return;
+    this.settled = true;
+    // The client gives up at its deadline too, and its cancel can arrive
+    // first: a call whose deadline has passed ended by the deadline.
+    const why = (this.context.timeoutMs() ?? Number.POSITIVE_INFINITY) <= deadlineSlackMs ? deadlinePassed() : reason;
+    this.statements.abort(why);
+    this.reject?.(why);
+  }
+
+  private finished(value: T | undefined, err: unknown, failed: boolean): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.signal?.removeEventListener("abort", this);
+    if (failed) this.reject?.(err);
+    else this.resolve?.(value as T);
+  }
 }
 
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
@@ -215,7 +243,7 @@ function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObs
     try {
       rejectMalformed(request, method.input.typeName);
       if (!context) return await handler(request, context);
-      return await untilAborted(context, () => handler(request, context), call.trace);
+      return await new WorkUntilCallEnds(context, call.trace).run(() => handler(request, context));
     } catch (err) {
       throw call.failed(err);
     } finally {

@@ -1,5 +1,5 @@
 import type { DescMethod } from "@bufbuild/protobuf";
-import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
+import { Counter, collectDefaultMetrics, Gauge, type Metric, Registry } from "prom-client";
 import type { PoolState } from "./db/client.js";
 
 /**
@@ -42,19 +42,29 @@ export interface Metrics {
 export function createMetrics(sources: MetricSources = {}): Metrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
+  // Calls are counted on the request path in plain numbers, one MethodCalls
+  // a method, and handed to prom-client when it is scraped: its labelled
+  // inc and observe build and check a label key on every call.
+  const methods = new Map<DescMethod, MethodCalls>();
   const handled = new Counter({
     name: "grpc_server_handled_total",
     help: "Calls completed, by method and status code, whatever the protocol (gRPC, Connect, gRPC-Web).",
     labelNames: ["grpc_service", "grpc_method", "grpc_type", "grpc_code"] as const,
     registers: [registry],
+    collect() {
+      this.reset();
+      for (const calls of methods.values()) {
+        for (const [code, count] of calls.codes) this.inc({ ...calls.labels, grpc_code: code }, count);
+      }
+    },
   });
-  const handling = new Histogram({
-    name: "grpc_server_handling_seconds",
-    help: "Time from a call's start to its end, by method (streams: until the stream ends).",
-    labelNames: ["grpc_service", "grpc_method", "grpc_type"] as const,
-    buckets: latencyBuckets,
-    registers: [registry],
-  });
+  registry.registerMetric(
+    new CallLatencies(
+      "grpc_server_handling_seconds",
+      "Time from a call's start to its end, by method (streams: until the stream ends).",
+      methods,
+    ) as unknown as Metric,
+  );
   new Gauge({
     name: "keysdriver_processes",
     help: "Processes serving (summed over the workers in worker mode).",
@@ -95,35 +105,15 @@ export function createMetrics(sources: MetricSources = {}): Metrics {
     });
   }
 
-  // Labelled children are made once per method and code, then found by the
-  // method object and the code string, without building a key per call.
-  const handledBy = new Map<DescMethod, Map<string, Counter.Internal>>();
-  const handlingBy = new Map<DescMethod, Histogram.Internal<string>>();
-  const labelsOf = (method: DescMethod) => ({
-    grpc_service: method.parent.typeName,
-    grpc_method: method.name,
-    grpc_type: grpcType[method.methodKind],
-  });
   return {
     registry,
     record(method, code, seconds) {
-      let byCode = handledBy.get(method);
-      if (!byCode) {
-        byCode = new Map();
-        handledBy.set(method, byCode);
+      let calls = methods.get(method);
+      if (!calls) {
+        calls = new MethodCalls(method);
+        methods.set(method, calls);
       }
-      let counter = byCode.get(code);
-      if (!counter) {
-        counter = handled.labels({ ...labelsOf(method), grpc_code: code });
-        byCode.set(code, counter);
-      }
-      counter.inc();
-      let histogram = handlingBy.get(method);
-      if (!histogram) {
-        histogram = handling.labels(labelsOf(method));
-        handlingBy.set(method, histogram);
-      }
-      histogram.observe(seconds);
+      calls.record(code, seconds);
     },
     async calls() {
       const out: Record<string, number> = {};
@@ -134,6 +124,74 @@ export function createMetrics(sources: MetricSources = {}): Metrics {
       return out;
     },
   };
+}
+
+/** One method's calls: how many ended with each code, and how long they took. */
+class MethodCalls {
+  readonly labels: { grpc_service: string; grpc_method: string; grpc_type: string };
+  readonly codes = new Map<string, number>();
+  /** Calls by latency bucket (not cumulative); the last is past the largest bound. */
+  readonly buckets = new Array<number>(latencyBuckets.length + 1).fill(0);
+  sum = 0;
+  count = 0;
+
+  constructor(method: DescMethod) {
+    this.labels = {
+      grpc_service: method.parent.typeName,
+      grpc_method: method.name,
+      grpc_type: grpcType[method.methodKind],
+    };
+  }
+
+  record(code: string, seconds: number): void {
+    this.codes.set(code, (this.codes.get(code) ?? 0) + 1);
+    let bucket = 0;
+    while (bucket < latencyBuckets.length && seconds > (latencyBuckets[bucket] as number)) bucket++;
+    this.buckets[bucket] = (this.buckets[bucket] as number) + 1;
+    this.sum += seconds;
+    this.count++;
+  }
+}
+
+/**
+ * The latency histogram, read from the methods' counts when scraped: a
+ * metric of prom-client's registry (text format, cluster aggregation by
+ * sum) that gives what its Histogram would: cumulative `_bucket` series
+ * with `le`, `_sum` and `_count`.
+ */
+class CallLatencies {
+  readonly type = "histogram";
+  readonly aggregator = "sum";
+
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    private readonly methods: ReadonlyMap<DescMethod, MethodCalls>,
+  ) {}
+
+  get() {
+    const values: { metricName: string; labels: Record<string, string | number>; value: number }[] = [];
+    for (const calls of this.methods.values()) {
+      let cumulative = 0;
+      calls.buckets.forEach((count, i) => {
+        cumulative += count;
+        const le = latencyBuckets[i] ?? "+Inf";
+        values.push({ metricName: `${this.name}_bucket`, labels: { le, ...calls.labels }, value: cumulative });
+      });
+      values.push({ metricName: `${this.name}_sum`, labels: calls.labels, value: calls.sum });
+      values.push({ metricName: `${this.name}_count`, labels: calls.labels, value: calls.count });
+    }
+    return { name: this.name, help: this.help, type: this.type, values, aggregator: this.aggregator };
+  }
+
+  reset(): void {
+    for (const calls of this.methods.values()) {
+      calls.codes.clear();
+      calls.buckets.fill(0);
+      calls.sum = 0;
+      calls.count = 0;
+    }
+  }
 }
 
 /** The background jobs' metrics (the usage rollup), kept by the process that runs them. */

@@ -77,6 +77,9 @@ describe("worker mode (WORKERS=2)", () => {
     expect(text).to.contain(
       `grpc_server_handling_seconds_count{grpc_service="keysdriver.v1.KeysDriverService",grpc_method="CountKeys",grpc_type="unary"} ${calls}`,
     );
+    expect(text).to.contain(
+      `grpc_server_handling_seconds_bucket{le="+Inf",grpc_service="keysdriver.v1.KeysDriverService",grpc_method="CountKeys",grpc_type="unary"} ${calls}`,
+    );
     // The primary's own metrics (the background jobs') are in the same answer.
     expect(text).to.contain("# TYPE keysdriver_usage_rollup_runs_total counter");
   });

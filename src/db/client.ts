@@ -166,18 +166,22 @@ export class StatementScope {
   }
 }
 
-// The statements of each call being served, by the call's context (set
-// where the call's handler is run, src/interceptors.ts).
-const callStatements = new WeakMap<object, StatementScope>();
+/**
+ * Where a call's context carries the scope of its statements: set where the
+ * call's handler is run (src/interceptors.ts), read by the handler to get the
+ * call's store. A property of the context rather than a WeakMap entry: it is
+ * set on every call, and a WeakMap's entries cost the garbage collector more.
+ */
+export const callStatements = Symbol("callStatements");
 
-/** Ties the statements of the call with `context` to `scope`: see sqlForCall. */
-export function setCallStatements(context: object, scope: StatementScope): void {
-  callStatements.set(context, scope);
+/** A handler context that may carry its call's statement scope. */
+export interface WithCallStatements {
+  [callStatements]?: StatementScope;
 }
 
 /** The scope of the call with `context`, if its statements are tied to one. */
 export function callStatementsOf(context: object | undefined): StatementScope | undefined {
-  return context ? callStatements.get(context) : undefined;
+  return (context as WithCallStatements | undefined)?.[callStatements];
 }
 
 /**

@@ -5,8 +5,9 @@ import { Code, ConnectError, type ContextValues, createContextValues, type Handl
 import * as grpc from "@grpc/grpc-js";
 import * as serverInterceptors from "@grpc/grpc-js/build/src/server-interceptors.js";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
+import { callStatements, type StatementScope } from "../db/client.js";
 import { invalidArgument, withErrorDetails } from "../errors.js";
-import { onCallEnd } from "../interceptors.js";
+import { type CallEndListener, onCallEnd } from "../interceptors.js";
 import { malformedRequest } from "./malformed.js";
 
 type UnaryHandler = (req: never, context: HandlerContext) => Promise<unknown>;
@@ -191,9 +192,11 @@ class GrpcCallContext {
   readonly requestMethod = "POST";
   private ended: ConnectError | undefined;
   private controller: AbortController | undefined;
-  private listeners: ((reason: unknown) => void)[] | undefined;
+  private listeners: CallEndListener[] | undefined;
   private headers: { request: Headers; response: Headers; trailer: Headers } | undefined;
   private contextValues: ContextValues | undefined;
+  /** Set when the handler is run (src/interceptors.ts); declared so every context has one shape. */
+  [callStatements]: StatementScope | undefined = undefined;
   private readonly deadlineAt: number;
   private readonly timer: NodeJS.Timeout | undefined;
   private readonly cancelled: () => void;
@@ -210,7 +213,8 @@ class GrpcCallContext {
       ? setTimeout(endByDeadline, Math.min(Math.max(0, this.deadlineAt - Date.now()), 2 ** 31 - 1), this)
       : undefined;
     this.cancelled = () => this.end(clientCancelled());
-    call.once("cancelled", this.cancelled);
+    // on, not once (which wraps the listener): done() takes it off.
+    call.on("cancelled", this.cancelled);
   }
 
   /** Ends the call early: the handler is told through onCallEnd, and the signal if anything read it. */
@@ -218,7 +222,7 @@ class GrpcCallContext {
     if (this.ended) return;
     this.ended = reason;
     this.controller?.abort(reason);
-    for (const listener of this.listeners ?? []) listener(reason);
+    for (const listener of this.listeners ?? []) listener.callEnded(reason);
   }
 
   /** The call is over: its timer and listener go. */
@@ -260,9 +264,9 @@ class GrpcCallContext {
     this.contextValues ??= createContextValues();
     return this.contextValues;
   }
-  [onCallEnd](listener: (reason: unknown) => void): void {
+  [onCallEnd](listener: CallEndListener): void {
     if (this.ended) {
-      listener(this.ended);
+      listener.callEnded(this.ended);
       return;
     }
     this.listeners ??= [];
