@@ -206,10 +206,16 @@ class WorkUntilCallEnds<T> {
     }
     if (this.settled) return settles;
     context[callStatements] = this.statements;
-    work().then(
-      (value) => this.finished(value, undefined, false),
-      (err: unknown) => this.finished(undefined, err, true),
-    );
+    try {
+      work().then(
+        (value) => this.finished(value, undefined, false),
+        (err: unknown) => this.finished(undefined, err, true),
+      );
+    } catch (err) {
+      // A handler that throws rather than rejecting: settled the same way,
+      // and its signal listener taken off.
+      this.finished(undefined, err, true);
+    }
     return settles;
   }
 

@@ -143,7 +143,9 @@ class MethodCalls {
     };
   }
 
-  record(code: string, seconds: number): void {
+  record(code: string, elapsed: number): void {
+    // A clock that stepped back is not a negative duration (nor NaN in the sum).
+    const seconds = Number.isFinite(elapsed) && elapsed > 0 ? elapsed : 0;
     this.codes.set(code, (this.codes.get(code) ?? 0) + 1);
     let bucket = 0;
     while (bucket < latencyBuckets.length && seconds > (latencyBuckets[bucket] as number)) bucket++;
@@ -166,7 +168,7 @@ class CallLatencies {
   constructor(
     readonly name: string,
     readonly help: string,
-    private readonly methods: ReadonlyMap<DescMethod, MethodCalls>,
+    private readonly methods: Map<DescMethod, MethodCalls>,
   ) {}
 
   get() {
@@ -184,13 +186,9 @@ class CallLatencies {
     return { name: this.name, help: this.help, type: this.type, values, aggregator: this.aggregator };
   }
 
+  /** As prom-client's own reset: every series goes (the call counts with them). */
   reset(): void {
-    for (const calls of this.methods.values()) {
-      calls.codes.clear();
-      calls.buckets.fill(0);
-      calls.sum = 0;
-      calls.count = 0;
-    }
+    this.methods.clear();
   }
 }
 

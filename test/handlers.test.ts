@@ -101,6 +101,27 @@ async function codeOf(promise: Promise<unknown>): Promise<Code> {
 }
 
 describe("handlers (in memory, with a fake store)", () => {
+  it("answers INTERNAL for a handler that throws instead of rejecting, and leaves no promise to reject later", async () => {
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown) => unhandled.push(reason);
+    process.on("unhandledRejection", onUnhandled);
+    try {
+      const throwing = () => {
+        throw new Error("thrown, not rejected");
+      };
+      const transport = createRouterTransport(({ service }) => {
+        service(KeysDriverService, observeCalls(KeysDriverService, { countKeys: throwing as never }, {}));
+      });
+      const client = createClient(KeysDriverService, transport);
+      expect(await codeOf(client.countKeys({ tenantId }))).to.equal(Code.Internal);
+      // connect-es aborts the call's signal once it is answered.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(unhandled).to.deep.equal([]);
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+    }
+  });
+
   it("asks for one row more than the page, and offers a next page only when it came", async () => {
     const asked: number[] = [];
     const client = clientFor(
