@@ -39,10 +39,11 @@ describe("worker mode (WORKERS=2)", () => {
     child.stderr?.on("data", (d) => {
       output += d;
     });
-    // Ready when both workers answer health checks on the shared port.
+    // Ready when both workers answer: /metrics is gathered from every
+    // worker, and fails (503) while one is still starting.
     const deadline = Date.now() + 30_000;
     for (;;) {
-      const ok = await fetch(`http://127.0.0.1:${port}/healthz`).then(
+      const ok = await fetch(`http://127.0.0.1:${port}/metrics`).then(
         (r) => r.ok,
         () => false,
       );
