@@ -1,9 +1,8 @@
-import { spawn } from "node:child_process";
 import http2 from "node:http2";
 import net from "node:net";
 import { expect } from "chai";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
-import { startTestService } from "./support/service.js";
+import { startMain, startTestService } from "./support/service.js";
 
 /** A raw TCP connection; resolves `closed` with the milliseconds until the server closed it. */
 function rawSocket(address: string, send?: string) {
@@ -99,22 +98,8 @@ describe("shutdown with idle and half-open connections", () => {
 
   it("finishes within the grace period and exits 0", async function () {
     this.timeout(30_000);
-    const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
-      env: { ...process.env, DATABASE_URL: db.url, PORT: "0", ROLLUP_INTERVAL_MS: "0", SHUTDOWN_GRACE_MS: "3000" },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let output = "";
-    const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
-    const port = await new Promise<number>((resolve, reject) => {
-      const onData = (d: Buffer) => {
-        output += d;
-        const m = /listening on [\d.]+:(\d+)/.exec(output);
-        if (m) resolve(Number(m[1]));
-      };
-      child.stdout?.on("data", onData);
-      child.stderr?.on("data", onData);
-      exited.then((code) => reject(new Error(`exited ${code}: ${output}`)));
-    });
+    const { child, exited, listening, output } = startMain({ DATABASE_URL: db.url, SHUTDOWN_GRACE_MS: "3000" });
+    const port = await listening;
     const address = `127.0.0.1:${port}`;
     // Idle: a socket that says nothing, half an HTTP/2 preface, half an
     // HTTP/1.1 request, an HTTP/1.1 keep-alive connection after a request,
@@ -137,7 +122,7 @@ describe("shutdown with idle and half-open connections", () => {
     const took = performance.now() - started;
     session.destroy();
     for (const s of sockets) s.socket.destroy();
-    expect(code, output).to.equal(0);
+    expect(code, output()).to.equal(0);
     expect(took).to.be.below(3000 + 2000);
   });
 });

@@ -8,42 +8,13 @@ import { expect } from "chai";
 import { createSql } from "../src/db/client.js";
 import { startEmbeddedPostgres } from "../src/process/embedded-postgres.js";
 import { grpcJsCaller } from "./support/clients.js";
+import { startMain } from "./support/service.js";
 
 // `npm start` on the embedded PostgreSQL, as a new user meets it: run as
 // root from a folder only root may enter, killed and started again, stopped
 // during start-up, started on a taken port.
 
 const asRoot = process.getuid?.() === 0;
-
-interface Started {
-  readonly child: ChildProcess;
-  readonly exited: Promise<number | null>;
-  output(): string;
-  /** Resolves with the port once the service says it listens; rejects if it exits first. */
-  readonly listening: Promise<number>;
-}
-
-function startMain(env: Record<string, string>): Started {
-  const { DATABASE_URL: _ignored, ...inherited } = process.env;
-  const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
-    env: { ...inherited, PORT: "0", ROLLUP_INTERVAL_MS: "0", ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
-  const listening = new Promise<number>((resolve, reject) => {
-    const onData = (d: Buffer) => {
-      output += d;
-      const m = /listening on [\d.]+:(\d+)/.exec(output);
-      if (m) resolve(Number(m[1]));
-    };
-    child.stdout?.on("data", onData);
-    child.stderr?.on("data", onData);
-    exited.then((code) => reject(new Error(`the service exited (${code}) before listening:\n${output}`)));
-  });
-  listening.catch(() => {});
-  return { child, exited, listening, output: () => output };
-}
 
 /** The pid of the PostgreSQL running on a data folder (EMBEDDED_PG_DIR), if any. */
 function postmasterPid(folder: string): number | undefined {

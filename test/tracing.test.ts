@@ -1,4 +1,3 @@
-import { spawn } from "node:child_process";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { create, toBinary } from "@bufbuild/protobuf";
@@ -19,7 +18,7 @@ import { tracingFromEnv } from "../src/tracing.js";
 import { stringField } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertKey, newTenant } from "./support/fixtures.js";
-import { startTestService } from "./support/service.js";
+import { startMain, startTestService } from "./support/service.js";
 
 const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
 const callerSpanId = "00f067aa0ba902b7";
@@ -147,28 +146,12 @@ describe("tracing configuration", () => {
   it("does not hold up the process's stop when the collector cannot be reached", async function () {
     this.timeout(40_000);
     const db = await createTestDatabase();
-    const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
-      env: {
-        ...process.env,
-        DATABASE_URL: db.url,
-        PORT: "0",
-        ROLLUP_INTERVAL_MS: "0",
-        OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:1",
-      },
-      stdio: ["ignore", "pipe", "pipe"],
+    const { child, exited, listening } = startMain({
+      DATABASE_URL: db.url,
+      OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:1",
     });
     try {
-      let output = "";
-      const port = await new Promise<number>((resolve, reject) => {
-        const seen = (d: Buffer) => {
-          output += d;
-          const m = /listening on [\d.]+:(\d+)/.exec(output);
-          if (m) resolve(Number(m[1]));
-        };
-        child.stdout?.on("data", seen);
-        child.stderr?.on("data", seen);
-        child.once("exit", (code) => reject(new Error(`exited (${code}):\n${output}`)));
-      });
+      const port = await listening;
       for (let i = 0; i < 5; i++) {
         await fetch(`http://127.0.0.1:${port}/keysdriver.v1.KeysDriverService/CountKeys`, {
           method: "POST",
@@ -176,7 +159,6 @@ describe("tracing configuration", () => {
           body: JSON.stringify({ tenantId: newTenant() }),
         });
       }
-      const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
       const stopping = performance.now();
       child.kill("SIGTERM");
       expect(await exited).to.equal(0);

@@ -1,3 +1,4 @@
+import { type ChildProcess, spawn } from "node:child_process";
 import { type RunningService, type ServiceConfig, type ServiceHooks, startService } from "../../src/service.js";
 import { createTestDatabase, type TestDatabase } from "./database.js";
 import { type FreezableProxy, startFreezableProxy } from "./proxy.js";
@@ -87,4 +88,40 @@ export function useServiceBehindFreezableProxy(): FrozenDatabaseUnderTest {
     await state.db?.drop();
   });
   return state;
+}
+
+/** `npm start`'s process, as a test started it (startMain). */
+export interface Started {
+  readonly child: ChildProcess;
+  readonly exited: Promise<number | null>;
+  output(): string;
+  /** Resolves with the port once the service says it listens; rejects if it exits first. */
+  readonly listening: Promise<number>;
+}
+
+/**
+ * `src/main.ts` in a process of its own, as `npm start` runs it, on a free
+ * port with no rollup runs; `env` on top of this process's environment
+ * without its DATABASE_URL (unset: the embedded PostgreSQL).
+ */
+export function startMain(env: Record<string, string>): Started {
+  const { DATABASE_URL: _ignored, ...inherited } = process.env;
+  const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+    env: { ...inherited, PORT: "0", ROLLUP_INTERVAL_MS: "0", ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  const listening = new Promise<number>((resolve, reject) => {
+    const onData = (d: Buffer) => {
+      output += d;
+      const m = /listening on [\d.]+:(\d+)/.exec(output);
+      if (m) resolve(Number(m[1]));
+    };
+    child.stdout?.on("data", onData);
+    child.stderr?.on("data", onData);
+    exited.then((code) => reject(new Error(`the service exited (${code}) before listening:\n${output}`)));
+  });
+  listening.catch(() => {});
+  return { child, exited, listening, output: () => output };
 }
