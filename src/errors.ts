@@ -87,15 +87,16 @@ export function invalidArgument(field: string, problem: string, reason = "INVALI
 }
 
 // "InvalidArgument" → "INVALID_ARGUMENT", the names gRPC tooling shows.
-const codeNames = new Map(
+const codeNames = new Map<number, string>(
   Object.entries(Code)
     .filter(([, v]) => typeof v === "number")
-    .map(([name, v]) => [v as Code, name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase()]),
+    .map(([name, v]) => [v as number, name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase()]),
 );
 codeNames.set(Code.Canceled, "CANCELLED"); // gRPC's spelling
+codeNames.set(0, "OK"); // a status, not an error code: connect's Code has no 0
 
-/** The gRPC name of a status code, e.g. "NOT_FOUND". */
-export function codeName(code: Code): string {
+/** The gRPC name of a status code, e.g. "NOT_FOUND" ("OK" for 0). */
+export function codeName(code: Code | 0): string {
   return codeNames.get(code) ?? String(code);
 }
 

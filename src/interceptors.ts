@@ -47,7 +47,8 @@ const traceparentPattern = /^[\da-f]{2}-([\da-f]{32})-([\da-f]{16})-[\da-f]{2}$/
  */
 class CallObservation {
   private readonly started: number;
-  private code = "OK";
+  /** The call's gRPC status code so far (connect's Code numbers are gRPC's; 0 is OK). */
+  private status: Code | 0 = 0;
   private reason: string | undefined;
   private requestId: string | undefined;
   private readonly span: CallSpan | undefined;
@@ -82,7 +83,7 @@ class CallObservation {
 
   failed(err: unknown): ConnectError {
     const error = withErrorDetails(toConnectError(err, this.observers.logError));
-    this.code = codeName(error.code);
+    this.status = error.code;
     this.reason = reasonOf(error);
     // The caller learns the id its failure was logged under.
     return new ConnectError(
@@ -101,22 +102,22 @@ class CallObservation {
     const error =
       reason instanceof ConnectError && (reason.code === Code.Canceled || reason.code === Code.DeadlineExceeded)
         ? reason
-        : new ConnectError("the client cancelled the call", Code.Canceled);
-    this.code = codeName(error.code);
+        : clientCancelled();
+    this.status = error.code;
     return error;
   }
 
   ended(): void {
-    if (this.span) endCallSpan(this.span, this.code, this.reason);
+    if (this.span) endCallSpan(this.span, this.status, this.reason);
     const { metrics, logger } = this.observers;
     if (!metrics && !logger) return;
     const elapsedMs = performance.now() - this.started;
-    metrics?.record(this.method, this.code, elapsedMs / 1000);
+    metrics?.record(this.method, codeName(this.status), elapsedMs / 1000);
     if (logger) this.log(logger, elapsedMs);
   }
 
   private log(logger: Logger, elapsedMs: number): void {
-    const code = this.code;
+    const code = codeName(this.status);
     const level = code === "OK" ? "debug" : levelOf(code);
     if (!logger.isLevelEnabled(level)) return;
     const headers = this.context?.requestHeader;
@@ -160,7 +161,11 @@ interface CallEndSource {
  */
 const deadlineSlackMs = 100;
 
-const deadlinePassed = () => new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded);
+/** How a call that its deadline ended is answered, whichever transport saw the deadline pass. */
+export const deadlinePassed = () =>
+  new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded);
+/** How a call that its client cancelled is answered. */
+export const clientCancelled = () => new ConnectError("the client cancelled the call", Code.Canceled);
 
 /**
  * A call's work, settled by the call's end when that comes first (the

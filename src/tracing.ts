@@ -1,3 +1,4 @@
+import { Code } from "@connectrpc/connect";
 import {
   type Context,
   ROOT_CONTEXT,
@@ -9,6 +10,7 @@ import {
   trace,
 } from "@opentelemetry/api";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { codeName } from "./errors.js";
 
 /**
  * OpenTelemetry tracing, off unless configured: with
@@ -65,26 +67,14 @@ const fromHeaders: TextMapGetter<Headers> = {
 
 // Status codes that make a server span an error (OpenTelemetry's rules for
 // gRPC servers): the caller's mistakes (INVALID_ARGUMENT, NOT_FOUND...) do not.
-const serverFaults = new Set(["UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"]);
-const grpcCodes = [
-  "OK",
-  "CANCELLED",
-  "UNKNOWN",
-  "INVALID_ARGUMENT",
-  "DEADLINE_EXCEEDED",
-  "NOT_FOUND",
-  "ALREADY_EXISTS",
-  "PERMISSION_DENIED",
-  "RESOURCE_EXHAUSTED",
-  "FAILED_PRECONDITION",
-  "ABORTED",
-  "OUT_OF_RANGE",
-  "UNIMPLEMENTED",
-  "INTERNAL",
-  "UNAVAILABLE",
-  "DATA_LOSS",
-  "UNAUTHENTICATED",
-];
+const serverFaults = new Set<number>([
+  Code.Unknown,
+  Code.DeadlineExceeded,
+  Code.Unimplemented,
+  Code.Internal,
+  Code.Unavailable,
+  Code.DataLoss,
+]);
 
 /** One rpc's span, and the context its statements' spans are children of. */
 export interface CallSpan {
@@ -115,12 +105,11 @@ export function startCallSpan(
   return { span, context: trace.setSpan(parent, span) };
 }
 
-/** Ends a call's span with its status (the gRPC code's name, e.g. "NOT_FOUND") and error reason. */
-export function endCallSpan(call: CallSpan, code: string, reason: string | undefined): void {
-  const number = grpcCodes.indexOf(code);
-  call.span.setAttribute("rpc.grpc.status_code", number < 0 ? 2 : number);
+/** Ends a call's span with its status (the gRPC code, 0 for OK) and error reason. */
+export function endCallSpan(call: CallSpan, status: number, reason: string | undefined): void {
+  call.span.setAttribute("rpc.grpc.status_code", status);
   if (reason) call.span.setAttribute("error.type", reason);
-  if (serverFaults.has(code)) call.span.setStatus({ code: SpanStatusCode.ERROR, message: code });
+  if (serverFaults.has(status)) call.span.setStatus({ code: SpanStatusCode.ERROR, message: codeName(status) });
   call.span.end();
 }
 

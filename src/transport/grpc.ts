@@ -1,13 +1,19 @@
 import type { DescMessage, DescMethod, DescService, MessageShape } from "@bufbuild/protobuf";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { anyPack } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, type ContextValues, createContextValues, type HandlerContext } from "@connectrpc/connect";
+import {
+  type Code,
+  ConnectError,
+  type ContextValues,
+  createContextValues,
+  type HandlerContext,
+} from "@connectrpc/connect";
 import * as grpc from "@grpc/grpc-js";
 import * as serverInterceptors from "@grpc/grpc-js/build/src/server-interceptors.js";
 import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
 import { callStatements, type StatementScope } from "../db/client.js";
 import { invalidArgument, withErrorDetails } from "../errors.js";
-import { type CallEndListener, onCallEnd } from "../interceptors.js";
+import { type CallEndListener, clientCancelled, deadlinePassed, onCallEnd } from "../interceptors.js";
 import { malformedRequest } from "./malformed.js";
 
 type UnaryHandler = (req: never, context: HandlerContext) => Promise<unknown>;
@@ -174,9 +180,6 @@ function requestHeaders(metadata: grpc.Metadata): Headers {
   }
   return headers;
 }
-
-const deadlinePassed = () => new ConnectError("the deadline passed before the call finished", Code.DeadlineExceeded);
-const clientCancelled = () => new ConnectError("the client cancelled the call", Code.Canceled);
 
 /**
  * The context of a grpc-js call: its signal aborts when the client
