@@ -10,6 +10,7 @@ import { parseArgs } from "node:util";
 import { createSql } from "../src/db/client.js";
 import { findServiceSecret } from "../src/db/secrets.js";
 import { createStore, type Store } from "../src/db/store.js";
+import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import { createPageTokenCodec } from "../src/rpc/page-token.js";
 import { createTokenSigner } from "../src/rpc/signed-token.js";
 import { migrate } from "../src/schema/migrate.js";
@@ -27,6 +28,7 @@ import {
   stopProcess,
 } from "./measure.js";
 import { type CountPlan, type Row, report, type Soak } from "./report.js";
+import { measureReports } from "./reports.js";
 import { type Fixtures, keysetPositions, loadFixtures, type Scenario, scenarios, windows } from "./scenarios.js";
 import { benchScale, isSeeded, type Scale, seed, smallScale } from "./seed.js";
 import { measureWatch } from "./watch.js";
@@ -37,7 +39,8 @@ const usage = `npm run bench [-- options]
   --seconds N          seconds per measured run, after a 2 s warm-up (default 10)
   --rounds N           alternating rounds of ours and the peer per scenario; medians are reported (default 3)
   --only NAME[,NAME]   only the scenarios whose names contain one of these ("WatchKeys" for the
-                       feed's measurements: latency, fan-out, memory per stream, freeze throughput)
+                       feed's measurements: latency, fan-out, memory per stream, freeze throughput;
+                       "Reports" for FetchUsageReport's against the GROUP BY it replaces)
   --soak               also drive FetchKeyById for --soak-seconds and compare the last minute with the first
   --soak-seconds N     length of the soak (default 330)
   --out DIR            where results.json and latency.svg go (default bench-results)
@@ -157,6 +160,10 @@ async function main(): Promise<number> {
     console.error(`loading the ${args.small ? "small" : "bench"} data set (once; kept in the database) ...`);
     await seed(db.sql, scale);
   }
+  // The servers run without the job: the rollups are brought up to date here
+  // (at once when they are; a few minutes after a migration rebuilt them).
+  console.error("rolling up closed days ...");
+  await rollUpClosedDays(db.sql);
   const secret = await findServiceSecret(db.sql, "page_token");
   if (!secret) throw new Error("no page token secret");
   const tokens = createPageTokenCodec(createTokenSigner(secret));
@@ -219,11 +226,14 @@ async function main(): Promise<number> {
       only.some((o) => "WatchKeys".includes(o)) && freezes
         ? await measureWatch(settings, servers.ours, db.sql, db.url, fixtures, freezes)
         : undefined;
+    const reports = only.some((o) => "Reports".includes(o))
+      ? await measureReports(servers.ours, db.sql, fixtures, scale)
+      : undefined;
     const byId = list.find((s) => s.name === "FetchKeyById");
     const soaked = args.soak && byId ? await soak(servers.ours, byId) : undefined;
     if (soaked && !soaked.ok) failed = true;
     const met = await report(
-      { scale, settings, rounds, rows, depthPoints, windowPoints, countPlan, soak: soaked?.soak, watch },
+      { scale, settings, rounds, rows, depthPoints, windowPoints, countPlan, soak: soaked?.soak, watch, reports },
       args.out,
     );
     if (!met) failed = true;

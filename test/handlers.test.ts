@@ -47,6 +47,8 @@ function fakeStore(overrides: Partial<Store>): Store {
     countKeys: unexpected,
     fetchKeyById: unexpected,
     fetchKeyUsage: unexpected,
+    reportPreflight: unexpected,
+    fetchUsageReport: unexpected,
     fetchKeyForUpdate: unexpected,
     updateKeyFrozen: unexpected,
     updateKeyUnfrozen: unexpected,

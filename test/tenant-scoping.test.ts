@@ -1,12 +1,20 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { expect } from "chai";
+import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import type { RunningService } from "../src/service.js";
 import { grpcJsCaller, type JsonCaller } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { insertCalls, insertKeysAt, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
 
-const tenantTables = ["api_keys", "proxy_calls", "proxy_call_daily", "key_events"];
+const tenantTables = [
+  "api_keys",
+  "proxy_calls",
+  "proxy_call_daily",
+  "proxy_call_hourly",
+  "proxy_call_spans",
+  "key_events",
+];
 
 // How often a statement reads or writes each tenant table, and how many
 // tenant_id = $n predicates it has: each reference needs one of its own.
@@ -62,6 +70,26 @@ describe("every statement on the request path is scoped to one tenant", () => {
       since: "2026-01-01T00:00:00Z",
       until: "2026-02-01T00:00:00Z",
     });
+    // Reports read every source: calls at the window's edges, hourly, daily and span rollups.
+    await rollUpClosedDays(db.sql);
+    for (const groupBy of [[], ["USAGE_GROUPING_KEY", "USAGE_GROUPING_MODEL"]]) {
+      for (const bucketWidth of [
+        "USAGE_BUCKET_WIDTH_UNSPECIFIED",
+        "USAGE_BUCKET_WIDTH_HOUR",
+        "USAGE_BUCKET_WIDTH_DAY",
+      ]) {
+        await client.call("FetchUsageReport", { tenantId, since: "2025-12-30T10:30:00Z", bucketWidth, groupBy });
+        await client.call("FetchUsageReport", {
+          tenantId,
+          keyIds: [keyId],
+          since: "2025-12-30T10:30:00Z",
+          until: "2026-01-20T10:30:00Z",
+          bucketWidth,
+          groupBy,
+          pageSize: 1,
+        });
+      }
+    }
     await client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "r", actor: "a" });
     await client.call("UpdateKeyUnfrozen", { tenantId, keyId });
     await client.call("UpdateKeyFrozen", { tenantId, keyId, etag: "1.0000000" }).catch(() => undefined);

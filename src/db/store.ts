@@ -2,11 +2,20 @@ import { isStrayCancel, type Sql, type StatementScope, sqlForCall } from "./clie
 import * as events from "./events.js";
 import * as keys from "./keys.js";
 import * as usage from "./usage.js";
+import * as usageReport from "./usage-report.js";
 
 export type { Micros } from "../micros.js";
 export type { EventKind, EventRow, EventScope, EventsRead } from "./events.js";
 export type { FreezeChange, FreezeOutcome, KeyCursor, KeyRow } from "./keys.js";
 export type { UsageRow } from "./usage.js";
+export type {
+  BucketWidth,
+  ReportOrder,
+  ReportPosition,
+  ReportQuery,
+  ReportRow,
+  RolledDays,
+} from "./usage-report.js";
 
 /**
  * The statements the rpcs run, one per operation and named after it (WatchKeys
@@ -17,6 +26,8 @@ const operations = {
   countKeys: keys.countKeys,
   fetchKeyById: keys.fetchKeyById,
   fetchKeyUsage: usage.fetchKeyUsage,
+  reportPreflight: usageReport.reportPreflight,
+  fetchUsageReport: usageReport.fetchUsageReport,
   fetchKeyForUpdate: keys.fetchKeyForUpdate,
   updateKeyFrozen: keys.updateKeyFrozen,
   updateKeyUnfrozen: keys.updateKeyUnfrozen,

@@ -2,6 +2,8 @@ import type { Sql } from "../db/client.js";
 
 /** Lets one rollup job run at a time across every replica; an arbitrary constant. */
 const rollupLockKey = 7_301_944_513n;
+/** The first key of a UTC day's advisory lock (migration 0005). */
+const dayLockKey = 7_301_944;
 
 /** Closed UTC days not rolled up yet (0 when up to date); undefined before the first run. */
 export async function rollupLagDays(sql: Sql): Promise<number | undefined> {
@@ -22,9 +24,9 @@ export interface RollupRun {
 }
 
 /**
- * Rolls up closed UTC days (every day before today) into proxy_call_daily,
- * one day per transaction: the day's sums and the move of rolled_until
- * commit together, so a crash loses at most the day in progress, and the
+ * Rolls up closed UTC days (every day before today) into proxy_call_daily
+ * and proxy_call_hourly, by key and model, one day per transaction: the
+ * day's sums and the move of rolled_until commit together, so a crash loses at most the day in progress, and the
  * next run resumes there. Runs again are no-ops. With several replicas, only
  * the one that gets the advisory lock works; the rest return at once.
  *
@@ -64,16 +66,41 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
       }
       const day = state.rolled_until;
       if (day >= state.today) return "done" as const;
+      // Waits for the writers of this day still under way (late calls),
+      // and holds back new ones until the day is rolled up (migration 0005).
+      await tx`select pg_advisory_xact_lock(${dayLockKey}, usage_day_lock_key(${day}::date))`;
       await tx`
-        insert into proxy_call_daily (tenant_id, api_key_id, day, request_count, spend_cents)
-        select tenant_id, api_key_id, ${day}::date, count(*), sum(cost_cents)
-        from proxy_calls
-        where created_at >= ${day}::timestamp at time zone 'UTC'
-          and created_at < (${day}::date + 1)::timestamp at time zone 'UTC'
-        group by tenant_id, api_key_id
-        on conflict (tenant_id, api_key_id, day) do update
-          set request_count = excluded.request_count,
-              spend_cents = excluded.spend_cents
+        with hourly as (
+          insert into proxy_call_hourly (tenant_id, api_key_id, hour, model, request_count, spend_cents)
+          select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), coalesce(model, ''), count(*), sum(cost_cents)
+          from proxy_calls
+          where created_at >= ${day}::timestamp at time zone 'UTC'
+            and created_at < (${day}::date + 1)::timestamp at time zone 'UTC'
+          group by 1, 2, 3, 4
+          on conflict (tenant_id, api_key_id, hour, model) do update
+            set request_count = excluded.request_count,
+                spend_cents = excluded.spend_cents
+          returning tenant_id, api_key_id, model, request_count, spend_cents
+        ),
+        daily as (
+          insert into proxy_call_daily (tenant_id, api_key_id, day, model, request_count, spend_cents)
+          select tenant_id, api_key_id, ${day}::date, model, sum(request_count), sum(spend_cents)
+          from hourly
+          group by 1, 2, 3, 4
+          on conflict (tenant_id, api_key_id, day, model) do update
+            set request_count = excluded.request_count,
+                spend_cents = excluded.spend_cents
+        )
+        -- The day adds to each span that holds it (the spans also hold the
+        -- other days rolled up before).
+        insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
+        select tenant_id, span.days, usage_span_start(${day}::date, span.days), api_key_id, sum(request_count), sum(spend_cents)
+        from hourly
+        cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
+        group by 1, 2, 3, 4
+        on conflict (tenant_id, span_days, first_day, api_key_id) do update
+          set request_count = s.request_count + excluded.request_count,
+              spend_cents = s.spend_cents + excluded.spend_cents
       `;
       await tx`
         update usage_rollup_state

@@ -6,6 +6,7 @@ import {
   FetchKeyForUpdateResponseSchema,
   FetchKeysResponseSchema,
   FetchKeyUsageResponseSchema,
+  FetchUsageReportResponseSchema,
   type KeysDriverService,
   ListKeyChangesResponseSchema,
   UpdateKeyFrozenResponseSchema,
@@ -18,7 +19,8 @@ import type { KeyFeed } from "../feed/key-feed.js";
 import type { PositionTokens } from "./cursors.js";
 import { parseEtag } from "./etag.js";
 import type { PageTokenCodec } from "./page-token.js";
-import { keySnapshot, usageSnapshot } from "./snapshots.js";
+import { reportPosition, reportRequest, reportRow } from "./report.js";
+import { keySnapshot, timestampFromMicros, usageSnapshot } from "./snapshots.js";
 import { optionalText, optionalTimestamp, requireNonNegative, requireTimestamp, requireUuid } from "./validate.js";
 import { createWatchKeys, keyChange, type WatchSettings } from "./watch.js";
 
@@ -109,6 +111,38 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       const row = await storeFor(context).fetchKeyUsage(tenantId, keyId, { sinceUs, untilUs });
       if (!row) throw notFound("key");
       return create(FetchKeyUsageResponseSchema, { usage: usageSnapshot(keyId, row) });
+    },
+
+    fetchUsageReport: async (req, context) => {
+      const tenantId = requireUuid("tenant_id", req.tenantId);
+      const report = reportRequest(req);
+      const pageSize = pageSizeOf(req.pageSize);
+      const token = req.pageToken === "" ? undefined : pageTokens.decodeReport(tenantId, report.shape, req.pageToken);
+      const callStore = storeFor(context);
+      const { nowUs, knownKeys, rolled } = await callStore.reportPreflight(tenantId, report.keyIds);
+      if (report.keyIds !== undefined && knownKeys < report.keyIds.length) throw notFound("key");
+      const untilUs = report.untilUs ?? token?.untilUs ?? nowUs;
+      if (report.sinceUs > untilUs) {
+        throw invalidArgument("since", "must not be after until (unset: the database's clock)");
+      }
+      const rows = await callStore.fetchUsageReport(tenantId, {
+        ...report,
+        untilUs,
+        rolled,
+        after: token?.position,
+        limit: pageSize + 1,
+      });
+      const page = rows.slice(0, pageSize);
+      const last = page.at(-1);
+      return create(FetchUsageReportResponseSchema, {
+        rows: page.map(reportRow),
+        nextPageToken:
+          rows.length > pageSize && last
+            ? pageTokens.encodeReport(tenantId, report.shape, untilUs, reportPosition(last))
+            : "",
+        since: timestampFromMicros(report.sinceUs),
+        until: timestampFromMicros(untilUs),
+      });
     },
 
     fetchKeyForUpdate: async (req, context) => {

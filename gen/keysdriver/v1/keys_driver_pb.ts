@@ -40,7 +40,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keysdriver/v1/keys_driver.proto.
  */
 export const file_keysdriver_v1_keys_driver: GenFile = /*@__PURE__*/
-  fileDesc("Ch9rZXlzZHJpdmVyL3YxL2tleXNfZHJpdmVyLnByb3RvEg1rZXlzZHJpdmVyLnYxIp8DCgtLZXlTbmFwc2hvdBIKCgJpZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRISCgprZXlfcHJlZml4GAQgASgJEigKBnN0YXR1cxgFIAEoDjIYLmtleXNkcml2ZXIudjEuS2V5U3RhdHVzEhEKCWlzX2Zyb3plbhgGIAEoCBItCglmcm96ZW5fYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdG90YWxfcmVxdWVzdHMYCyABKAMSDAoEZXRhZxgMIAEoCRIVCg1mcmVlemVfcmVhc29uGA0gASgJEhQKDGZyZWV6ZV9hY3RvchgOIAEoCSK/AQoQS2V5VXNhZ2VTbmFwc2hvdBIOCgZrZXlfaWQYASABKAkSKQoFc2luY2UYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXF1ZXN0X2NvdW50GAQgASgDEhMKC3NwZW5kX2NlbnRzGAUgASgDEhkKEXNwZW5kX2NlbnRzX2V4YWN0GAYgASgJIloKEEZldGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEgwKBHNraXAYBCABKAUiVgoRRmV0Y2hLZXlzUmVzcG9uc2USKAoEa2V5cxgBIAMoCzIaLmtleXNkcml2ZXIudjEuS2V5U25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEENvdW50S2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIiIKEUNvdW50S2V5c1Jlc3BvbnNlEg0KBWNvdW50GAEgASgDIjgKE0ZldGNoS2V5QnlJZFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCSI/ChRGZXRjaEtleUJ5SWRSZXNwb25zZRInCgNrZXkYASABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90Io8BChRGZXRjaEtleVVzYWdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEikKBXNpbmNlGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiRwoVRmV0Y2hLZXlVc2FnZVJlc3BvbnNlEi4KBXVzYWdlGAEgASgLMh8ua2V5c2RyaXZlci52MS5LZXlVc2FnZVNuYXBzaG90Ij0KGEZldGNoS2V5Rm9yVXBkYXRlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJIkQKGUZldGNoS2V5Rm9yVXBkYXRlUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdCKXAQoWVXBkYXRlS2V5RnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEi0KCWZyb3plbl9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkiUwoXVXBkYXRlS2V5RnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIImoKGFVwZGF0ZUtleVVuZnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEgwKBGV0YWcYAyABKAkSDgoGcmVhc29uGAQgASgJEg0KBWFjdG9yGAUgASgJIlUKGVVwZGF0ZUtleVVuZnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIIn4KEFdhdGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB2tleV9pZHMYAiADKAkSFQoNcmVzdW1lX2N1cnNvchgDIAEoCRITCgthbGxfdGVuYW50cxgEIAEoCBIaChJzZW5kX2luaXRpYWxfc3RhdGUYBSABKAgipgEKEVdhdGNoS2V5c1Jlc3BvbnNlEigKBmNoYW5nZRgBIAEoCzIYLmtleXNkcml2ZXIudjEuS2V5Q2hhbmdlEisKB2N1cnJlbnQYAiABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90EioKBm1hcmtlchgDIAEoDjIaLmtleXNkcml2ZXIudjEuV2F0Y2hNYXJrZXISDgoGY3Vyc29yGAQgASgJIuUBCglLZXlDaGFuZ2USDgoGY3Vyc29yGAEgASgJEioKBGtpbmQYAiABKA4yHC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZUtpbmQSJwoDa2V5GAMgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIuCgpjaGFuZ2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkSDwoHZGJfcm9sZRgHIAEoCRITCgthcHBsaWNhdGlvbhgIIAEoCSJhChVMaXN0S2V5Q2hhbmdlc1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJcChZMaXN0S2V5Q2hhbmdlc1Jlc3BvbnNlEikKB2NoYW5nZXMYASADKAsyGC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqbgoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhYKEktFWV9TVEFUVVNfUkVWT0tFRBACEhYKEktFWV9TVEFUVVNfRVhQSVJFRBADKl8KC1dhdGNoTWFya2VyEhwKGFdBVENIX01BUktFUl9VTlNQRUNJRklFRBAAEhcKE1dBVENIX01BUktFUl9TWU5DRUQQARIZChVXQVRDSF9NQVJLRVJfUFJPR1JFU1MQAirBAQoNS2V5Q2hhbmdlS2luZBIfChtLRVlfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIaChZLRVlfQ0hBTkdFX0tJTkRfRlJPWkVOEAESHAoYS0VZX0NIQU5HRV9LSU5EX1VORlJPWkVOEAISGwoXS0VZX0NIQU5HRV9LSU5EX1VQREFURUQQAxIbChdLRVlfQ0hBTkdFX0tJTkRfQ1JFQVRFRBAEEhsKF0tFWV9DSEFOR0VfS0lORF9ERUxFVEVEEAUy8wYKEUtleXNEcml2ZXJTZXJ2aWNlElMKCUZldGNoS2V5cxIfLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlzUmVxdWVzdBogLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlzUmVzcG9uc2UiA5ACARJTCglDb3VudEtleXMSHy5rZXlzZHJpdmVyLnYxLkNvdW50S2V5c1JlcXVlc3QaIC5rZXlzZHJpdmVyLnYxLkNvdW50S2V5c1Jlc3BvbnNlIgOQAgESXAoMRmV0Y2hLZXlCeUlkEiIua2V5c2RyaXZlci52MS5GZXRjaEtleUJ5SWRSZXF1ZXN0GiMua2V5c2RyaXZlci52MS5GZXRjaEtleUJ5SWRSZXNwb25zZSIDkAIBEl8KDUZldGNoS2V5VXNhZ2USIy5rZXlzZHJpdmVyLnYxLkZldGNoS2V5VXNhZ2VSZXF1ZXN0GiQua2V5c2RyaXZlci52MS5GZXRjaEtleVVzYWdlUmVzcG9uc2UiA5ACARJrChFGZXRjaEtleUZvclVwZGF0ZRInLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlGb3JVcGRhdGVSZXF1ZXN0Gigua2V5c2RyaXZlci52MS5GZXRjaEtleUZvclVwZGF0ZVJlc3BvbnNlIgOQAgESZQoPVXBkYXRlS2V5RnJvemVuEiUua2V5c2RyaXZlci52MS5VcGRhdGVLZXlGcm96ZW5SZXF1ZXN0GiYua2V5c2RyaXZlci52MS5VcGRhdGVLZXlGcm96ZW5SZXNwb25zZSIDkAICEmsKEVVwZGF0ZUtleVVuZnJvemVuEicua2V5c2RyaXZlci52MS5VcGRhdGVLZXlVbmZyb3plblJlcXVlc3QaKC5rZXlzZHJpdmVyLnYxLlVwZGF0ZUtleVVuZnJvemVuUmVzcG9uc2UiA5ACAhJQCglXYXRjaEtleXMSHy5rZXlzZHJpdmVyLnYxLldhdGNoS2V5c1JlcXVlc3QaIC5rZXlzZHJpdmVyLnYxLldhdGNoS2V5c1Jlc3BvbnNlMAESYgoOTGlzdEtleUNoYW5nZXMSJC5rZXlzZHJpdmVyLnYxLkxpc3RLZXlDaGFuZ2VzUmVxdWVzdBolLmtleXNkcml2ZXIudjEuTGlzdEtleUNoYW5nZXNSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("Ch9rZXlzZHJpdmVyL3YxL2tleXNfZHJpdmVyLnByb3RvEg1rZXlzZHJpdmVyLnYxIp8DCgtLZXlTbmFwc2hvdBIKCgJpZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRISCgprZXlfcHJlZml4GAQgASgJEigKBnN0YXR1cxgFIAEoDjIYLmtleXNkcml2ZXIudjEuS2V5U3RhdHVzEhEKCWlzX2Zyb3plbhgGIAEoCBItCglmcm96ZW5fYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdG90YWxfcmVxdWVzdHMYCyABKAMSDAoEZXRhZxgMIAEoCRIVCg1mcmVlemVfcmVhc29uGA0gASgJEhQKDGZyZWV6ZV9hY3RvchgOIAEoCSK/AQoQS2V5VXNhZ2VTbmFwc2hvdBIOCgZrZXlfaWQYASABKAkSKQoFc2luY2UYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEikKBXVudGlsGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZXF1ZXN0X2NvdW50GAQgASgDEhMKC3NwZW5kX2NlbnRzGAUgASgDEhkKEXNwZW5kX2NlbnRzX2V4YWN0GAYgASgJIloKEEZldGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEgwKBHNraXAYBCABKAUiVgoRRmV0Y2hLZXlzUmVzcG9uc2USKAoEa2V5cxgBIAMoCzIaLmtleXNkcml2ZXIudjEuS2V5U25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEENvdW50S2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIiIKEUNvdW50S2V5c1Jlc3BvbnNlEg0KBWNvdW50GAEgASgDIjgKE0ZldGNoS2V5QnlJZFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCSI/ChRGZXRjaEtleUJ5SWRSZXNwb25zZRInCgNrZXkYASABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90Io8BChRGZXRjaEtleVVzYWdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEikKBXNpbmNlGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiRwoVRmV0Y2hLZXlVc2FnZVJlc3BvbnNlEi4KBXVzYWdlGAEgASgLMh8ua2V5c2RyaXZlci52MS5LZXlVc2FnZVNuYXBzaG90Ij0KGEZldGNoS2V5Rm9yVXBkYXRlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJIkQKGUZldGNoS2V5Rm9yVXBkYXRlUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdCKXAQoWVXBkYXRlS2V5RnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEi0KCWZyb3plbl9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkiUwoXVXBkYXRlS2V5RnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIImoKGFVwZGF0ZUtleVVuZnJvemVuUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDgoGa2V5X2lkGAIgASgJEgwKBGV0YWcYAyABKAkSDgoGcmVhc29uGAQgASgJEg0KBWFjdG9yGAUgASgJIlUKGVVwZGF0ZUtleVVuZnJvemVuUmVzcG9uc2USJwoDa2V5GAEgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIPCgdjaGFuZ2VkGAIgASgIIn4KEFdhdGNoS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg8KB2tleV9pZHMYAiADKAkSFQoNcmVzdW1lX2N1cnNvchgDIAEoCRITCgthbGxfdGVuYW50cxgEIAEoCBIaChJzZW5kX2luaXRpYWxfc3RhdGUYBSABKAgipgEKEVdhdGNoS2V5c1Jlc3BvbnNlEigKBmNoYW5nZRgBIAEoCzIYLmtleXNkcml2ZXIudjEuS2V5Q2hhbmdlEisKB2N1cnJlbnQYAiABKAsyGi5rZXlzZHJpdmVyLnYxLktleVNuYXBzaG90EioKBm1hcmtlchgDIAEoDjIaLmtleXNkcml2ZXIudjEuV2F0Y2hNYXJrZXISDgoGY3Vyc29yGAQgASgJIuUBCglLZXlDaGFuZ2USDgoGY3Vyc29yGAEgASgJEioKBGtpbmQYAiABKA4yHC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZUtpbmQSJwoDa2V5GAMgASgLMhoua2V5c2RyaXZlci52MS5LZXlTbmFwc2hvdBIuCgpjaGFuZ2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YBSABKAkSDQoFYWN0b3IYBiABKAkSDwoHZGJfcm9sZRgHIAEoCRITCgthcHBsaWNhdGlvbhgIIAEoCSJhChVMaXN0S2V5Q2hhbmdlc1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJcChZMaXN0S2V5Q2hhbmdlc1Jlc3BvbnNlEikKB2NoYW5nZXMYASADKAsyGC5rZXlzZHJpdmVyLnYxLktleUNoYW5nZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAki1AIKF0ZldGNoVXNhZ2VSZXBvcnRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgdrZXlfaWRzGAIgAygJEikKBXNpbmNlGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoMYnVja2V0X3dpZHRoGAUgASgOMh8ua2V5c2RyaXZlci52MS5Vc2FnZUJ1Y2tldFdpZHRoEi4KCGdyb3VwX2J5GAYgAygOMhwua2V5c2RyaXZlci52MS5Vc2FnZUdyb3VwaW5nEjEKCG9yZGVyX2J5GAcgASgOMh8ua2V5c2RyaXZlci52MS5Vc2FnZVJlcG9ydE9yZGVyEhEKCXBhZ2Vfc2l6ZRgIIAEoBRISCgpwYWdlX3Rva2VuGAkgASgJIqgBCg5Vc2FnZVJlcG9ydFJvdxIwCgxidWNrZXRfc3RhcnQYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmtleV9pZBgCIAEoCRINCgVtb2RlbBgDIAEoCRIVCg1yZXF1ZXN0X2NvdW50GAQgASgDEhMKC3NwZW5kX2NlbnRzGAUgASgDEhkKEXNwZW5kX2NlbnRzX2V4YWN0GAYgASgJIrYBChhGZXRjaFVzYWdlUmVwb3J0UmVzcG9uc2USKwoEcm93cxgBIAMoCzIdLmtleXNkcml2ZXIudjEuVXNhZ2VSZXBvcnRSb3cSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEikKBXNpbmNlGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqbgoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhYKEktFWV9TVEFUVVNfUkVWT0tFRBACEhYKEktFWV9TVEFUVVNfRVhQSVJFRBADKl8KC1dhdGNoTWFya2VyEhwKGFdBVENIX01BUktFUl9VTlNQRUNJRklFRBAAEhcKE1dBVENIX01BUktFUl9TWU5DRUQQARIZChVXQVRDSF9NQVJLRVJfUFJPR1JFU1MQAirBAQoNS2V5Q2hhbmdlS2luZBIfChtLRVlfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIaChZLRVlfQ0hBTkdFX0tJTkRfRlJPWkVOEAESHAoYS0VZX0NIQU5HRV9LSU5EX1VORlJPWkVOEAISGwoXS0VZX0NIQU5HRV9LSU5EX1VQREFURUQQAxIbChdLRVlfQ0hBTkdFX0tJTkRfQ1JFQVRFRBAEEhsKF0tFWV9DSEFOR0VfS0lORF9ERUxFVEVEEAUqbwoQVXNhZ2VCdWNrZXRXaWR0aBIiCh5VU0FHRV9CVUNLRVRfV0lEVEhfVU5TUEVDSUZJRUQQABIbChdVU0FHRV9CVUNLRVRfV0lEVEhfSE9VUhABEhoKFlVTQUdFX0JVQ0tFVF9XSURUSF9EQVkQAiphCg1Vc2FnZUdyb3VwaW5nEh4KGlVTQUdFX0dST1VQSU5HX1VOU1BFQ0lGSUVEEAASFgoSVVNBR0VfR1JPVVBJTkdfS0VZEAESGAoUVVNBR0VfR1JPVVBJTkdfTU9ERUwQAipfChBVc2FnZVJlcG9ydE9yZGVyEiIKHlVTQUdFX1JFUE9SVF9PUkRFUl9VTlNQRUNJRklFRBAAEicKI1VTQUdFX1JFUE9SVF9PUkRFUl9TUEVORF9ERVNDRU5ESU5HEAEy3QcKEUtleXNEcml2ZXJTZXJ2aWNlElMKCUZldGNoS2V5cxIfLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlzUmVxdWVzdBogLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlzUmVzcG9uc2UiA5ACARJTCglDb3VudEtleXMSHy5rZXlzZHJpdmVyLnYxLkNvdW50S2V5c1JlcXVlc3QaIC5rZXlzZHJpdmVyLnYxLkNvdW50S2V5c1Jlc3BvbnNlIgOQAgESXAoMRmV0Y2hLZXlCeUlkEiIua2V5c2RyaXZlci52MS5GZXRjaEtleUJ5SWRSZXF1ZXN0GiMua2V5c2RyaXZlci52MS5GZXRjaEtleUJ5SWRSZXNwb25zZSIDkAIBEl8KDUZldGNoS2V5VXNhZ2USIy5rZXlzZHJpdmVyLnYxLkZldGNoS2V5VXNhZ2VSZXF1ZXN0GiQua2V5c2RyaXZlci52MS5GZXRjaEtleVVzYWdlUmVzcG9uc2UiA5ACARJoChBGZXRjaFVzYWdlUmVwb3J0EiYua2V5c2RyaXZlci52MS5GZXRjaFVzYWdlUmVwb3J0UmVxdWVzdBonLmtleXNkcml2ZXIudjEuRmV0Y2hVc2FnZVJlcG9ydFJlc3BvbnNlIgOQAgESawoRRmV0Y2hLZXlGb3JVcGRhdGUSJy5rZXlzZHJpdmVyLnYxLkZldGNoS2V5Rm9yVXBkYXRlUmVxdWVzdBooLmtleXNkcml2ZXIudjEuRmV0Y2hLZXlGb3JVcGRhdGVSZXNwb25zZSIDkAIBEmUKD1VwZGF0ZUtleUZyb3plbhIlLmtleXNkcml2ZXIudjEuVXBkYXRlS2V5RnJvemVuUmVxdWVzdBomLmtleXNkcml2ZXIudjEuVXBkYXRlS2V5RnJvemVuUmVzcG9uc2UiA5ACAhJrChFVcGRhdGVLZXlVbmZyb3plbhInLmtleXNkcml2ZXIudjEuVXBkYXRlS2V5VW5mcm96ZW5SZXF1ZXN0Gigua2V5c2RyaXZlci52MS5VcGRhdGVLZXlVbmZyb3plblJlc3BvbnNlIgOQAgISUAoJV2F0Y2hLZXlzEh8ua2V5c2RyaXZlci52MS5XYXRjaEtleXNSZXF1ZXN0GiAua2V5c2RyaXZlci52MS5XYXRjaEtleXNSZXNwb25zZTABEmIKDkxpc3RLZXlDaGFuZ2VzEiQua2V5c2RyaXZlci52MS5MaXN0S2V5Q2hhbmdlc1JlcXVlc3QaJS5rZXlzZHJpdmVyLnYxLkxpc3RLZXlDaGFuZ2VzUmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * A read-only view of one API key. The secret and its hash never leave the
@@ -914,6 +914,192 @@ export const ListKeyChangesResponseSchema: GenMessage<ListKeyChangesResponse> = 
   messageDesc(file_keysdriver_v1_keys_driver, 20);
 
 /**
+ * Request for FetchUsageReport.
+ *
+ * @generated from message keysdriver.v1.FetchUsageReportRequest
+ */
+export type FetchUsageReportRequest = Message<"keysdriver.v1.FetchUsageReportRequest"> & {
+  /**
+   * Required. The tenant whose traffic to sum.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * Optional. Only these keys (at most 1000; repeats count once), each of
+   * which the tenant must have. Empty: every key of the tenant, keys since
+   * deleted included.
+   *
+   * @generated from field: repeated string key_ids = 2;
+   */
+  keyIds: string[];
+
+  /**
+   * Required. Start of the window, inclusive.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 3;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * Optional. End of the window, exclusive; unset means now (the database's
+   * clock, fixed by the first page for the pages after it). Must not be
+   * before since.
+   *
+   * @generated from field: google.protobuf.Timestamp until = 4;
+   */
+  until?: Timestamp | undefined;
+
+  /**
+   * The buckets; unset: one for the whole window.
+   *
+   * @generated from field: keysdriver.v1.UsageBucketWidth bucket_width = 5;
+   */
+  bucketWidth: UsageBucketWidth;
+
+  /**
+   * Optional. KEY, MODEL, or both: a row per key and/or model in each
+   * bucket. Empty: one row per bucket.
+   *
+   * @generated from field: repeated keysdriver.v1.UsageGrouping group_by = 6;
+   */
+  groupBy: UsageGrouping[];
+
+  /**
+   * The order of the rows; unset: time order.
+   *
+   * @generated from field: keysdriver.v1.UsageReportOrder order_by = 7;
+   */
+  orderBy: UsageReportOrder;
+
+  /**
+   * Maximum number of rows in the page: 0 means 50, above 1000 means 1000,
+   * negative is INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 8;
+   */
+  pageSize: number;
+
+  /**
+   * Empty for the first page; otherwise a next_page_token from an earlier
+   * answer to the same request (every other field equal). Each page is
+   * summed when it is asked for, over the window the first page fixed.
+   *
+   * @generated from field: string page_token = 9;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message keysdriver.v1.FetchUsageReportRequest.
+ * Use `create(FetchUsageReportRequestSchema)` to create a new message.
+ */
+export const FetchUsageReportRequestSchema: GenMessage<FetchUsageReportRequest> = /*@__PURE__*/
+  messageDesc(file_keysdriver_v1_keys_driver, 21);
+
+/**
+ * One row of a usage report: the calls of one bucket (and key and model,
+ * as grouped).
+ *
+ * @generated from message keysdriver.v1.UsageReportRow
+ */
+export type UsageReportRow = Message<"keysdriver.v1.UsageReportRow"> & {
+  /**
+   * The bucket's start: a UTC hour or day, or since for a report without
+   * buckets.
+   *
+   * @generated from field: google.protobuf.Timestamp bucket_start = 1;
+   */
+  bucketStart?: Timestamp | undefined;
+
+  /**
+   * The key; empty unless grouped by key.
+   *
+   * @generated from field: string key_id = 2;
+   */
+  keyId: string;
+
+  /**
+   * The model; empty unless grouped by model, or for calls that named none.
+   *
+   * @generated from field: string model = 3;
+   */
+  model: string;
+
+  /**
+   * Number of proxied calls.
+   *
+   * @generated from field: int64 request_count = 4;
+   */
+  requestCount: bigint;
+
+  /**
+   * Their total cost in whole cents: the exact sum rounded half-up.
+   *
+   * @generated from field: int64 spend_cents = 5;
+   */
+  spendCents: bigint;
+
+  /**
+   * The exact total cost in cents as a decimal string, fractional cents
+   * included (e.g. "1234.5678"). Billing should use this one.
+   *
+   * @generated from field: string spend_cents_exact = 6;
+   */
+  spendCentsExact: string;
+};
+
+/**
+ * Describes the message keysdriver.v1.UsageReportRow.
+ * Use `create(UsageReportRowSchema)` to create a new message.
+ */
+export const UsageReportRowSchema: GenMessage<UsageReportRow> = /*@__PURE__*/
+  messageDesc(file_keysdriver_v1_keys_driver, 22);
+
+/**
+ * Response for FetchUsageReport.
+ *
+ * @generated from message keysdriver.v1.FetchUsageReportResponse
+ */
+export type FetchUsageReportResponse = Message<"keysdriver.v1.FetchUsageReportResponse"> & {
+  /**
+   * The page's rows, in the order asked for.
+   *
+   * @generated from field: repeated keysdriver.v1.UsageReportRow rows = 1;
+   */
+  rows: UsageReportRow[];
+
+  /**
+   * Pass as page_token for the next page; empty when there is no more.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+
+  /**
+   * The window's start, as applied.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 3;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * The window's end, as applied (the first page's now when until is unset).
+   *
+   * @generated from field: google.protobuf.Timestamp until = 4;
+   */
+  until?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keysdriver.v1.FetchUsageReportResponse.
+ * Use `create(FetchUsageReportResponseSchema)` to create a new message.
+ */
+export const FetchUsageReportResponseSchema: GenMessage<FetchUsageReportResponse> = /*@__PURE__*/
+  messageDesc(file_keysdriver_v1_keys_driver, 23);
+
+/**
  * The state an API key is in. A frozen key keeps its status: freezing is a
  * separate, reversible switch.
  *
@@ -1046,6 +1232,105 @@ export const KeyChangeKindSchema: GenEnum<KeyChangeKind> = /*@__PURE__*/
   enumDesc(file_keysdriver_v1_keys_driver, 2);
 
 /**
+ * How a usage report cuts its window into buckets. Buckets are UTC hours or
+ * days; the first and last ones are partial when since or until falls
+ * inside one.
+ *
+ * @generated from enum keysdriver.v1.UsageBucketWidth
+ */
+export enum UsageBucketWidth {
+  /**
+   * No buckets: the whole window is one, which starts at since.
+   *
+   * @generated from enum value: USAGE_BUCKET_WIDTH_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * One bucket per UTC hour.
+   *
+   * @generated from enum value: USAGE_BUCKET_WIDTH_HOUR = 1;
+   */
+  HOUR = 1,
+
+  /**
+   * One bucket per UTC day.
+   *
+   * @generated from enum value: USAGE_BUCKET_WIDTH_DAY = 2;
+   */
+  DAY = 2,
+}
+
+/**
+ * Describes the enum keysdriver.v1.UsageBucketWidth.
+ */
+export const UsageBucketWidthSchema: GenEnum<UsageBucketWidth> = /*@__PURE__*/
+  enumDesc(file_keysdriver_v1_keys_driver, 3);
+
+/**
+ * What a usage report tells apart within a bucket.
+ *
+ * @generated from enum keysdriver.v1.UsageGrouping
+ */
+export enum UsageGrouping {
+  /**
+   * Not a grouping; INVALID_ARGUMENT in group_by.
+   *
+   * @generated from enum value: USAGE_GROUPING_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * One row per key.
+   *
+   * @generated from enum value: USAGE_GROUPING_KEY = 1;
+   */
+  KEY = 1,
+
+  /**
+   * One row per model, as the proxy recorded it ("" for calls that named none).
+   *
+   * @generated from enum value: USAGE_GROUPING_MODEL = 2;
+   */
+  MODEL = 2,
+}
+
+/**
+ * Describes the enum keysdriver.v1.UsageGrouping.
+ */
+export const UsageGroupingSchema: GenEnum<UsageGrouping> = /*@__PURE__*/
+  enumDesc(file_keysdriver_v1_keys_driver, 4);
+
+/**
+ * The order of a usage report's rows.
+ *
+ * @generated from enum keysdriver.v1.UsageReportOrder
+ */
+export enum UsageReportOrder {
+  /**
+   * Buckets in time order; within a bucket, by key_id, then by model
+   * (byte order).
+   *
+   * @generated from enum value: USAGE_REPORT_ORDER_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Highest spend first (the exact spend), then as above; e.g. the keys
+   * that cost the most over the window.
+   *
+   * @generated from enum value: USAGE_REPORT_ORDER_SPEND_DESCENDING = 1;
+   */
+  SPEND_DESCENDING = 1,
+}
+
+/**
+ * Describes the enum keysdriver.v1.UsageReportOrder.
+ */
+export const UsageReportOrderSchema: GenEnum<UsageReportOrder> = /*@__PURE__*/
+  enumDesc(file_keysdriver_v1_keys_driver, 5);
+
+/**
  * Reads a tenant's API keys and flips their kill switch.
  *
  * Served on one port over the gRPC protocol (HTTP/2 without TLS, "h2c") and
@@ -1106,6 +1391,26 @@ export const KeysDriverService: GenService<{
     methodKind: "unary";
     input: typeof FetchKeyUsageRequestSchema;
     output: typeof FetchKeyUsageResponseSchema;
+  },
+  /**
+   * Sums a tenant's traffic over the half-open window [since, until) into a
+   * report: in hourly or daily buckets or as one total, per key and per
+   * model when asked, one page at a time. Exact: a row's spend is the exact
+   * sum of its calls' costs, and a key's rows add up to what FetchKeyUsage
+   * answers for the same window. Buckets without calls are left out, so a
+   * window without calls gives no rows.
+   *
+   * Errors: INVALID_ARGUMENT (bad tenant_id or key_ids, since missing or
+   * after until, an unknown bucket_width, group_by or order_by, negative
+   * page_size, a page_token that was edited or issued for another request),
+   * NOT_FOUND (a key_id this tenant does not have).
+   *
+   * @generated from rpc keysdriver.v1.KeysDriverService.FetchUsageReport
+   */
+  fetchUsageReport: {
+    methodKind: "unary";
+    input: typeof FetchUsageReportRequestSchema;
+    output: typeof FetchUsageReportResponseSchema;
   },
   /**
    * Fetches one key, read from the primary database, with the etag to pass

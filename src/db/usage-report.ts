@@ -1,0 +1,288 @@
+import type { Micros } from "../micros.js";
+import { arrayLiteral, type Sql, unprepared } from "./client.js";
+import { timestampAt } from "./time.js";
+
+/** How a report cuts its window: not at all, by UTC hour, or by UTC day. */
+export type BucketWidth = "none" | "hour" | "day";
+
+/** Where a report's rows sort: by time (bucket, key, model), or highest spend first. */
+export type ReportOrder = "time" | "spend";
+
+/** The last row of a page, as the next page starts after it. */
+export interface ReportPosition {
+  readonly bucketUs: Micros;
+  /** The key, or the nil UUID when the report is not by key. */
+  readonly keyId: string;
+  /** The model, or "" when the report is not by model. */
+  readonly model: string;
+  /** The exact spend, for reports ordered by spend. */
+  readonly spendExact: string;
+}
+
+/** What a report sums: every field but `keyIds` is required. */
+export interface ReportQuery {
+  /** The keys to report on; undefined, every key of the tenant (keys since deleted too). */
+  readonly keyIds?: readonly string[];
+  readonly sinceUs: Micros;
+  readonly untilUs: Micros;
+  readonly width: BucketWidth;
+  readonly byKey: boolean;
+  readonly byModel: boolean;
+  readonly order: ReportOrder;
+  readonly after?: ReportPosition;
+  readonly limit: number;
+  /** The days the rollups hold, as reportPreflight read them. */
+  readonly rolled: RolledDays | undefined;
+}
+
+/** One row of a report: one bucket of one key and model (as grouped). */
+export interface ReportRow {
+  readonly bucket_us: Micros;
+  /** Null when the report is not by key. */
+  readonly key_id: string | null;
+  /** Null when the report is not by model; "" for calls that named none. */
+  readonly model: string | null;
+  readonly request_count: bigint;
+  /** The exact sum of cost_cents, e.g. "12.5". */
+  readonly spend_cents_exact: string;
+  /** The exact sum rounded half-up to whole cents. */
+  readonly spend_cents: bigint;
+}
+
+const nilUuid = "00000000-0000-0000-0000-000000000000";
+
+/** The closed UTC days the rollups hold: [fromUs, untilUs), midnights in micros. */
+export interface RolledDays {
+  readonly fromUs: Micros;
+  readonly untilUs: Micros;
+}
+
+/** What a report needs to know before it runs. */
+export interface ReportPreflight {
+  /** The database's clock. */
+  readonly nowUs: Micros;
+  /** How many of the keys asked for the tenant has. */
+  readonly knownKeys: number;
+  /** Undefined before the rollup job's first run. */
+  readonly rolled: RolledDays | undefined;
+}
+
+/**
+ * The database's clock, how many of `keyIds` the tenant has, and which days
+ * the rollups hold. Read apart from the report itself, which is still exact:
+ * the rolled-up days only grow, and while a day is rolled up, its rollup
+ * rows and its calls change together (migration 0005), so a report that
+ * reads a day from proxy_calls that has since been rolled up reads it right.
+ */
+export async function reportPreflight(
+  sql: Sql,
+  tenantId: string,
+  keyIds: readonly string[] | undefined,
+): Promise<ReportPreflight> {
+  const known =
+    keyIds === undefined
+      ? sql`0`
+      : sql`(
+          select count(*)::int4
+          from api_keys
+          where tenant_id = ${tenantId}
+            and id = any(${arrayLiteral(keyIds)}::uuid[])
+        )`;
+  const [row]: [{ now_us: Micros; known: number; from_us: Micros | null; until_us: Micros | null }?] = await sql`
+    select
+      epoch_micros(now()) as now_us,
+      ${known} as known,
+      epoch_micros(rolled_from::timestamp at time zone 'UTC') as from_us,
+      epoch_micros(rolled_until::timestamp at time zone 'UTC') as until_us
+    from usage_rollup_state
+    where singleton
+  `;
+  const rolled =
+    row?.from_us != null && row.until_us != null ? { fromUs: row.from_us, untilUs: row.until_us } : undefined;
+  return { nowUs: row?.now_us ?? 0n, knownKeys: row?.known ?? 0, rolled };
+}
+
+const hourUs = 3_600_000_000n;
+const dayUs = 24n * hourUs;
+const floorTo = (us: Micros, unit: bigint) => us - (((us % unit) + unit) % unit);
+const ceilTo = (us: Micros, unit: bigint) => {
+  const floor = floorTo(us, unit);
+  return floor === us ? us : floor + unit;
+};
+const later = (a: Micros, b: Micros) => (a > b ? a : b);
+const earlier = (a: Micros, b: Micros) => (a < b ? a : b);
+
+/** A part of a report's window, [fromUs, untilUs), and where it is read from. */
+interface Piece {
+  readonly source: "calls" | "hourly" | "daily" | "spans";
+  readonly fromUs: Micros;
+  readonly untilUs: Micros;
+  /** For spans: their length in days. */
+  readonly spanDays?: number;
+}
+
+/** Day numbers count from 2000-01-01, which is day 10,957 of the Unix epoch (migration 0005). */
+const spanEpochDay = 10_957n;
+const spanLengths = [32n, 16n, 8n, 4n, 2n, 1n];
+
+/**
+ * Whole days [fromUs, untilUs) as the fewest aligned spans (a span of n
+ * days starts on a day number that is a multiple of n): at most two of each
+ * length, largest first in the middle.
+ */
+function spansOf(fromUs: Micros, untilUs: Micros): Piece[] {
+  const spans: Piece[] = [];
+  for (let day = fromUs / dayUs; day < untilUs / dayUs; ) {
+    const number = day - spanEpochDay;
+    const length = spanLengths.find((n) => ((number % n) + n) % n === 0n && day + n <= untilUs / dayUs) ?? 1n;
+    spans.push({ source: "spans", spanDays: Number(length), fromUs: day * dayUs, untilUs: (day + length) * dayUs });
+    day += length;
+  }
+  return spans;
+}
+
+/**
+ * Cuts [sinceUs, untilUs) into pieces, each read from the cheapest source
+ * that holds it exactly: whole rolled-up days from the spans (the fewest
+ * aligned ones; one-day spans for daily buckets) or, when the report is by
+ * model, from proxy_call_daily; the other whole rolled-up hours from
+ * proxy_call_hourly (every one of them when the report is hourly); the rest
+ * (at most part of an hour at each edge, and the days not rolled up yet,
+ * such as today) from proxy_calls. Empty pieces are left out.
+ */
+export function reportPieces(
+  sinceUs: Micros,
+  untilUs: Micros,
+  shape: { readonly width: BucketWidth; readonly byModel: boolean },
+  rolled: RolledDays | undefined,
+): Piece[] {
+  const pieces: Piece[] = [];
+  const add = (source: Piece["source"], fromUs: Micros, to: Micros) => {
+    if (fromUs < to) pieces.push({ source, fromUs, untilUs: to });
+  };
+  const hoursFrom = rolled && later(ceilTo(sinceUs, hourUs), rolled.fromUs);
+  const hoursUntil = rolled && earlier(floorTo(untilUs, hourUs), rolled.untilUs);
+  if (hoursFrom === undefined || hoursUntil === undefined || hoursFrom >= hoursUntil) {
+    add("calls", sinceUs, untilUs);
+    return pieces;
+  }
+  add("calls", sinceUs, hoursFrom);
+  const daysFrom = ceilTo(hoursFrom, dayUs);
+  const daysUntil = floorTo(hoursUntil, dayUs);
+  if (shape.width !== "hour" && daysFrom < daysUntil) {
+    add("hourly", hoursFrom, daysFrom);
+    if (shape.byModel) add("daily", daysFrom, daysUntil);
+    else if (shape.width === "day") pieces.push({ source: "spans", spanDays: 1, fromUs: daysFrom, untilUs: daysUntil });
+    else pieces.push(...spansOf(daysFrom, daysUntil));
+    add("hourly", daysUntil, hoursUntil);
+  } else {
+    add("hourly", hoursFrom, hoursUntil);
+  }
+  add("calls", hoursUntil, untilUs);
+  return pieces;
+}
+
+/**
+ * A page of a tenant's usage report over [sinceUs, untilUs): calls summed
+ * into buckets, by key and by model as asked, empty buckets left out. Exact
+ * whatever the mix of sources (reportPieces): the pieces never overlap, and
+ * the rollups hold exactly the calls of the days in `rolled`.
+ */
+export async function fetchUsageReport(sql: Sql, tenantId: string, query: ReportQuery): Promise<ReportRow[]> {
+  const keys = query.keyIds === undefined ? sql`` : sql`and api_key_id = any(${arrayLiteral(query.keyIds)}::uuid[])`;
+  const since = timestampAt(sql, query.sinceUs);
+  const bucket =
+    query.width === "none"
+      ? since
+      : query.width === "hour"
+        ? sql`date_trunc('hour', at, 'UTC')`
+        : sql`date_trunc('day', at, 'UTC')`;
+  const keyColumn = query.byKey ? sql`api_key_id` : sql`null::uuid`;
+  const modelColumn = query.byModel ? sql`model` : sql`null::text`;
+  const read = (piece: Piece) => {
+    const from = timestampAt(sql, piece.fromUs);
+    const to = timestampAt(sql, piece.untilUs);
+    switch (piece.source) {
+      case "calls":
+        return sql`
+          select created_at as at, api_key_id, coalesce(model, '') as model, 1::int8 as request_count, cost_cents as spend
+          from proxy_calls
+          where tenant_id = ${tenantId} ${keys}
+            and created_at >= ${from}
+            and created_at < ${to}
+        `;
+      case "hourly":
+        return sql`
+          select hour as at, api_key_id, model, request_count, spend_cents as spend
+          from proxy_call_hourly
+          where tenant_id = ${tenantId} ${keys}
+            and hour >= ${from}
+            and hour < ${to}
+        `;
+      case "spans":
+        return sql`
+          select first_day::timestamp at time zone 'UTC' as at, api_key_id, '' as model, request_count, spend_cents as spend
+          from proxy_call_spans
+          where tenant_id = ${tenantId} ${keys}
+            and span_days = ${piece.spanDays ?? 1}
+            and first_day >= (${from} at time zone 'UTC')::date
+            and first_day < (${to} at time zone 'UTC')::date
+        `;
+      case "daily":
+        return sql`
+          select day::timestamp at time zone 'UTC' as at, api_key_id, model, request_count, spend_cents as spend
+          from proxy_call_daily
+          where tenant_id = ${tenantId} ${keys}
+            and day >= (${from} at time zone 'UTC')::date
+            and day < (${to} at time zone 'UTC')::date
+        `;
+    }
+  };
+  const pieces = reportPieces(query.sinceUs, query.untilUs, query, query.rolled);
+  if (pieces.length === 0) return [];
+  const union = pieces.map(read).reduce((all, next) => sql`${all} union all ${next}`);
+  const after = query.after;
+  const position =
+    after === undefined
+      ? sql``
+      : query.order === "time"
+        ? sql`where (bucket, sort_key, sort_model) > (${timestampAt(sql, after.bucketUs)}, ${after.keyId}::uuid, ${after.model}::text collate "C")`
+        : sql`where spend < ${after.spendExact}::numeric
+            or (spend = ${after.spendExact}::numeric
+                and (bucket, sort_key, sort_model) > (${timestampAt(sql, after.bucketUs)}, ${after.keyId}::uuid, ${after.model}::text collate "C"))`;
+  const order =
+    query.order === "time"
+      ? sql`order by bucket, sort_key, sort_model`
+      : sql`order by spend desc, bucket, sort_key, sort_model`;
+  return await unprepared(sql<ReportRow[]>`
+    with report as (
+      select
+        ${bucket} as bucket,
+        ${keyColumn} as key_id,
+        ${modelColumn} as model,
+        sum(request_count)::int8 as request_count,
+        sum(spend) as spend
+      from (${union}) as pieces
+      group by 1, 2, 3
+      having sum(request_count) <> 0
+    ),
+    sorted as (
+      select
+        *,
+        coalesce(key_id, ${nilUuid}::uuid) as sort_key,
+        coalesce(model, '') collate "C" as sort_model
+      from report
+    )
+    select
+      epoch_micros(bucket) as bucket_us,
+      key_id::text,
+      model,
+      request_count,
+      trim_scale(spend)::text as spend_cents_exact,
+      round(spend)::int8 as spend_cents
+    from sorted
+    ${position}
+    ${order}
+    limit ${query.limit}
+  `);
+}

@@ -1,0 +1,103 @@
+import { create } from "@bufbuild/protobuf";
+import {
+  type FetchUsageReportRequest,
+  UsageBucketWidth,
+  UsageGrouping,
+  UsageReportOrder,
+  type UsageReportRow,
+  UsageReportRowSchema,
+} from "../../gen/keysdriver/v1/keys_driver_pb.js";
+import type { BucketWidth, Micros, ReportOrder, ReportPosition, ReportRow } from "../db/store.js";
+import { invalidArgument } from "../errors.js";
+import { timestampFromMicros } from "./snapshots.js";
+import { optionalTimestamp, requireTimestamp, requireUuid } from "./validate.js";
+
+/** The most key_ids one report may name. */
+export const maxReportKeys = 1000;
+
+const nilUuid = "00000000-0000-0000-0000-000000000000";
+
+/** A FetchUsageReport request, checked: everything but the tenant, the page and its size. */
+export interface ReportRequest {
+  /** Lower-cased, each once, sorted; undefined for every key of the tenant. */
+  readonly keyIds?: readonly string[];
+  readonly sinceUs: Micros;
+  readonly untilUs?: Micros;
+  readonly width: BucketWidth;
+  readonly byKey: boolean;
+  readonly byModel: boolean;
+  readonly order: ReportOrder;
+  /** The fields above in one canonical string, which a page token is bound to. */
+  readonly shape: string;
+}
+
+function widthOf(value: UsageBucketWidth): BucketWidth {
+  switch (value) {
+    case UsageBucketWidth.UNSPECIFIED:
+      return "none";
+    case UsageBucketWidth.HOUR:
+      return "hour";
+    case UsageBucketWidth.DAY:
+      return "day";
+    default:
+      throw invalidArgument("bucket_width", "must be USAGE_BUCKET_WIDTH_HOUR, _DAY or unset");
+  }
+}
+
+function orderOf(value: UsageReportOrder): ReportOrder {
+  switch (value) {
+    case UsageReportOrder.UNSPECIFIED:
+      return "time";
+    case UsageReportOrder.SPEND_DESCENDING:
+      return "spend";
+    default:
+      throw invalidArgument("order_by", "must be USAGE_REPORT_ORDER_SPEND_DESCENDING or unset");
+  }
+}
+
+/** Checks a FetchUsageReport request's fields but tenant_id, page_size and page_token. */
+export function reportRequest(req: FetchUsageReportRequest): ReportRequest {
+  if (req.keyIds.length > maxReportKeys) {
+    throw invalidArgument("key_ids", `must name at most ${maxReportKeys} keys`);
+  }
+  const keyIds =
+    req.keyIds.length === 0
+      ? undefined
+      : [...new Set(req.keyIds.map((id, i) => requireUuid(`key_ids[${i}]`, id)))].sort();
+  const sinceUs = requireTimestamp("since", req.since);
+  const untilUs = optionalTimestamp("until", req.until);
+  if (untilUs !== undefined && sinceUs > untilUs) throw invalidArgument("since", "must not be after until");
+  let byKey = false;
+  let byModel = false;
+  for (const [i, grouping] of req.groupBy.entries()) {
+    if (grouping === UsageGrouping.KEY) byKey = true;
+    else if (grouping === UsageGrouping.MODEL) byModel = true;
+    else throw invalidArgument(`group_by[${i}]`, "must be USAGE_GROUPING_KEY or USAGE_GROUPING_MODEL");
+  }
+  const width = widthOf(req.bucketWidth);
+  const order = orderOf(req.orderBy);
+  const shape = JSON.stringify([keyIds ?? null, String(sinceUs), String(untilUs ?? ""), width, byKey, byModel, order]);
+  return { keyIds, sinceUs, untilUs, width, byKey, byModel, order, shape };
+}
+
+/** A report row as the contract gives it. */
+export function reportRow(row: ReportRow): UsageReportRow {
+  return create(UsageReportRowSchema, {
+    bucketStart: timestampFromMicros(row.bucket_us),
+    keyId: row.key_id ?? "",
+    model: row.model ?? "",
+    requestCount: row.request_count,
+    spendCents: row.spend_cents,
+    spendCentsExact: row.spend_cents_exact,
+  });
+}
+
+/** Where the page after `row` starts. */
+export function reportPosition(row: ReportRow): ReportPosition {
+  return {
+    bucketUs: row.bucket_us,
+    keyId: row.key_id ?? nilUuid,
+    model: row.model ?? "",
+    spendExact: row.spend_cents_exact,
+  };
+}

@@ -1,0 +1,519 @@
+import { randomUUID } from "node:crypto";
+import type { JsonObject } from "@bufbuild/protobuf";
+import { Code } from "@connectrpc/connect";
+import { expect } from "chai";
+import { arrayLiteral, type Sql } from "../src/db/client.js";
+import { fetchKeyUsage } from "../src/db/usage.js";
+import type { BucketWidth, ReportOrder, ReportRow } from "../src/db/usage-report.js";
+import { fetchUsageReport, type ReportQuery, reportPreflight } from "../src/db/usage-report.js";
+import { rollUpClosedDays } from "../src/jobs/rollup.js";
+import { connectGrpcCaller, failure, grpcJsCaller, type JsonCaller } from "./support/clients.js";
+import { createTestDatabase, type TestDatabase } from "./support/database.js";
+import { insertKey, newTenant } from "./support/fixtures.js";
+import { useTestService } from "./support/service.js";
+
+// A small deterministic generator, so that a failing report can be replayed.
+function generator(seed: number) {
+  let state = seed >>> 0;
+  return () => {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    return state / 2 ** 32;
+  };
+}
+
+const hourUs = 3_600_000_000n;
+const dayUs = 24n * hourUs;
+const widths: BucketWidth[] = ["none", "hour", "day"];
+const nilUuid = "00000000-0000-0000-0000-000000000000";
+
+interface Shape {
+  keyIds?: string[];
+  sinceUs: bigint;
+  untilUs: bigint;
+  width: BucketWidth;
+  byKey: boolean;
+  byModel: boolean;
+  order: ReportOrder;
+}
+
+/** fetchUsageReport over the days the rollups hold now. */
+async function report(sql: Sql, tenantId: string, query: Omit<ReportQuery, "rolled">): Promise<ReportRow[]> {
+  const { rolled } = await reportPreflight(sql, tenantId, undefined);
+  return await fetchUsageReport(sql, tenantId, { ...query, rolled });
+}
+
+/** The report a plain GROUP BY over proxy_calls gives, in the report's order. */
+async function groupByReport(sql: Sql, tenantId: string, s: Shape): Promise<ReportRow[]> {
+  const at = (us: bigint) => sql`(to_timestamp(0) + ${us.toString()}::int8 * interval '1 microsecond')`;
+  const bucket =
+    s.width === "none"
+      ? at(s.sinceUs)
+      : s.width === "hour"
+        ? sql`date_trunc('hour', created_at, 'UTC')`
+        : sql`date_trunc('day', created_at, 'UTC')`;
+  const keys = s.keyIds ? sql`and api_key_id = any(${arrayLiteral(s.keyIds)}::uuid[])` : sql``;
+  const order =
+    s.order === "time"
+      ? sql`order by bucket, coalesce(key_id, ${nilUuid}::uuid), coalesce(model, '') collate "C"`
+      : sql`order by spend desc, bucket, coalesce(key_id, ${nilUuid}::uuid), coalesce(model, '') collate "C"`;
+  return await sql<ReportRow[]>`
+    select epoch_micros(bucket) as bucket_us, key_id::text, model, request_count,
+           trim_scale(spend)::text as spend_cents_exact, round(spend)::int8 as spend_cents
+    from (
+      select ${bucket} as bucket,
+             ${s.byKey ? sql`api_key_id` : sql`null::uuid`} as key_id,
+             ${s.byModel ? sql`coalesce(model, '')` : sql`null::text`} as model,
+             count(*) as request_count, sum(cost_cents) as spend
+      from proxy_calls
+      where tenant_id = ${tenantId} ${keys}
+        and created_at >= ${at(s.sinceUs)} and created_at < ${at(s.untilUs)}
+      group by 1, 2, 3
+    ) as grouped
+    ${order}
+  `;
+}
+
+/** Rows of the rollups that a fresh GROUP BY of proxy_calls over the rolled-up days contradicts. */
+async function rollupMismatches(sql: Sql): Promise<number> {
+  const [row]: [{ n: bigint }?] = await sql`
+    with state as (
+      select rolled_from::timestamp at time zone 'UTC' as rf, rolled_until::timestamp at time zone 'UTC' as ru
+      from usage_rollup_state
+    ),
+    calls as (select * from proxy_calls, state where created_at >= rf and created_at < ru),
+    fresh as (
+      select 'h' as kind, tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC') as at, coalesce(model, '') as model,
+             count(*) as request_count, sum(cost_cents) as spend_cents
+      from calls group by 2, 3, 4, 5
+      union all
+      select 'd', tenant_id, api_key_id, date_trunc('day', created_at, 'UTC'), coalesce(model, ''),
+             count(*), sum(cost_cents)
+      from calls group by 2, 3, 4, 5
+      union all
+      select 's' || span.days, tenant_id, api_key_id,
+             usage_span_start((created_at at time zone 'UTC')::date, span.days)::timestamp at time zone 'UTC', '',
+             count(*), sum(cost_cents)
+      from calls cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
+      group by 1, 2, 3, 4
+    ),
+    kept as (
+      select 'h' as kind, tenant_id, api_key_id, hour as at, model, request_count, spend_cents
+      from proxy_call_hourly where request_count <> 0
+      union all
+      select 'd', tenant_id, api_key_id, day::timestamp at time zone 'UTC', model, request_count, spend_cents
+      from proxy_call_daily where request_count <> 0
+      union all
+      select 's' || span_days, tenant_id, api_key_id, first_day::timestamp at time zone 'UTC', '', request_count, spend_cents
+      from proxy_call_spans where request_count <> 0
+    )
+    select count(*) as n from (
+      (select * from fresh except select * from kept)
+      union all
+      (select * from kept except select * from fresh)
+    ) as diff
+  `;
+  return Number(row?.n);
+}
+
+describe("FetchUsageReport's sums", () => {
+  let db: TestDatabase;
+  let tenantId: string;
+  let keys: string[];
+  let nowUs: bigint;
+
+  /** Calls spread over the last `days` days, of `keys` and of a key since deleted, with fractional costs. */
+  async function insertSpread(count: number, days: number, seed: number) {
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+      select
+        ${tenantId},
+        (${arrayLiteral(keys)}::uuid[])[1 + (n * 7 + ${seed}) % ${keys.length}],
+        now() - ((n::int8 * 2654435761 + ${seed}) % (${days}::int8 * 86400000)) * interval '1 millisecond'
+              - (n % 1000) * interval '1 microsecond',
+        ((n * 31 + ${seed}) % 100000) / 10000.0,
+        (array['small-1', 'large-2', null, 'Ünïcode', 'B'])[1 + (n * 13 + ${seed}) % 5]
+      from generate_series(1, ${count}) as n
+    `;
+  }
+
+  function randomShape(random: () => number, i: number): Shape {
+    const a = nowUs - BigInt(Math.floor(random() * 22 * 86_400_000_000));
+    const b = nowUs - BigInt(Math.floor(random() * 22 * 86_400_000_000)) + 3_600_000_000n;
+    let [sinceUs, untilUs] = a <= b ? [a, b] : [b, a];
+    // Some windows on whole hours or whole days, as billing asks.
+    if (i % 4 === 1) [sinceUs, untilUs] = [sinceUs - (sinceUs % hourUs), untilUs - (untilUs % hourUs)];
+    if (i % 4 === 2) [sinceUs, untilUs] = [sinceUs - (sinceUs % dayUs), untilUs - (untilUs % dayUs)];
+    const pick = random();
+    const keyIds =
+      pick < 0.4 ? undefined : pick < 0.7 ? [keys[Math.floor(random() * keys.length)] as string] : keys.slice(0, 3);
+    return {
+      keyIds,
+      sinceUs,
+      untilUs,
+      width: widths[Math.floor(random() * 3)] as BucketWidth,
+      byKey: random() < 0.5,
+      byModel: random() < 0.5,
+      order: random() < 0.7 ? "time" : "spend",
+    };
+  }
+
+  async function expectReportsExact(seed: number, count: number) {
+    const random = generator(seed);
+    for (let i = 0; i < count; i++) {
+      const shape = randomShape(random, i);
+      const got = await report(db.sql, tenantId, { ...shape, limit: 100_000 });
+      const want = await groupByReport(db.sql, tenantId, shape);
+      expect(
+        got,
+        `report ${i} of seed ${seed}: ${JSON.stringify(shape, (_k, v) => (typeof v === "bigint" ? String(v) : v))}`,
+      ).to.deep.equal(want);
+    }
+  }
+
+  before(async () => {
+    db = await createTestDatabase();
+    tenantId = newTenant();
+    keys = [];
+    for (let i = 0; i < 5; i++) keys.push(await insertKey(db.sql, { tenantId }));
+    keys.push(randomUUID()); // a key since deleted: its calls stay the tenant's
+    await insertSpread(5000, 20, 1);
+    // Another tenant's calls on the same days, which no report of this one may count.
+    const other = newTenant();
+    const otherKey = await insertKey(db.sql, { tenantId: other });
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+      select ${other}, ${otherKey}, now() - n * interval '17 minutes', 1000
+      from generate_series(1, 1500) as n
+    `;
+    const [now]: [{ us: bigint }?] = await db.sql`select epoch_micros(now()) as us`;
+    nowUs = now?.us ?? 0n;
+  });
+  after(async () => {
+    await db?.drop();
+  });
+
+  it("equal a plain GROUP BY on random windows, widths and groupings before the first rollup", async () => {
+    await expectReportsExact(21, 40);
+  });
+
+  it("equal it with part of the days rolled up, then all of them", async () => {
+    await rollUpClosedDays(db.sql, { maxDays: 8 });
+    await expectReportsExact(22, 40);
+    await rollUpClosedDays(db.sql);
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+    await expectReportsExact(23, 60);
+  });
+
+  it("equal it after late calls, changed calls and deleted calls on rolled-up days", async () => {
+    const key = keys[1] as string;
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+      select ${tenantId}, ${key}, date_trunc('day', now(), 'UTC') - n * interval '1 day' + n * interval '1 hour 1 microsecond',
+             n / 1000000.0, 'late'
+      from generate_series(1, 12) as n
+    `;
+    // A call's cost, model, time and key changed after its day was rolled up.
+    await db.sql`
+      update proxy_calls
+      set cost_cents = cost_cents + 7.000001, model = 'changed', created_at = created_at - interval '25 hours',
+          api_key_id = ${keys[2] as string}
+      where tenant_id = ${tenantId}
+        and id in (
+          select id from proxy_calls
+          where tenant_id = ${tenantId} and created_at < date_trunc('day', now(), 'UTC') - interval '3 days'
+          order by id limit 40
+        )
+    `;
+    await db.sql`
+      delete from proxy_calls
+      where tenant_id = ${tenantId}
+        and id in (select id from proxy_calls where tenant_id = ${tenantId} and model = 'B' order by id limit 100)
+    `;
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+    await expectReportsExact(24, 60);
+  });
+
+  it("add up to FetchKeyUsage for every key and window", async () => {
+    const random = generator(25);
+    for (let i = 0; i < 30; i++) {
+      const shape = randomShape(random, i);
+      const keyId = keys[i % keys.length] as string;
+      const rows = await report(db.sql, tenantId, {
+        ...shape,
+        keyIds: [keyId],
+        byKey: true,
+        byModel: false,
+        width: "none",
+        limit: 10,
+      });
+      const usage = await fetchKeyUsage(db.sql, tenantId, keyId, shape);
+      if (usage === undefined) continue; // the deleted key: FetchKeyUsage does not know it
+      expect(rows.length).to.be.at.most(1);
+      expect([rows[0]?.request_count ?? 0n, rows[0]?.spend_cents_exact ?? "0"]).to.deep.equal([
+        usage.request_count,
+        usage.spend_cents_exact,
+      ]);
+    }
+  });
+
+  it("are exact above 2^53 cents, in the rollups and in half-up rounding", async () => {
+    const key = keys[3] as string;
+    // 1,000 calls of 9,999,999,999,999.5 cents each, on a rolled-up day.
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+      select ${tenantId}, ${key}, date_trunc('day', now(), 'UTC') - interval '2 days' + n * interval '1 second',
+             9999999999999.5, 'huge'
+      from generate_series(1, 1000) as n
+    `;
+    const since = nowUs - 3n * dayUs;
+    const [row] = await report(db.sql, tenantId, {
+      keyIds: [key],
+      sinceUs: since - (since % dayUs),
+      untilUs: nowUs,
+      width: "none",
+      byKey: false,
+      byModel: true,
+      order: "spend",
+      limit: 1,
+    });
+    expect(row?.model).to.equal("huge");
+    expect(row?.spend_cents_exact).to.equal("9999999999999500");
+    expect(row?.spend_cents).to.equal(9_999_999_999_999_500n);
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+  });
+
+  it("hold no row for a TRUNCATE of proxy_calls, which empties the rollups with it", async () => {
+    await db.sql`truncate proxy_calls`;
+    const counts =
+      await db.sql`select (select count(*) from proxy_call_daily) as d, (select count(*) from proxy_call_hourly) as h`;
+    expect(counts[0]).to.deep.equal({ d: 0n, h: 0n });
+    expect(
+      await report(db.sql, tenantId, {
+        sinceUs: nowUs - 30n * dayUs,
+        untilUs: nowUs,
+        width: "day",
+        byKey: true,
+        byModel: true,
+        order: "time",
+        limit: 10,
+      }),
+    ).to.deep.equal([]);
+  });
+});
+
+describe("proxy_calls' writers and the rollup job", () => {
+  let db: TestDatabase;
+  let tenantId: string;
+  let keyId: string;
+
+  before(async () => {
+    db = await createTestDatabase();
+    tenantId = newTenant();
+    keyId = await insertKey(db.sql, { tenantId });
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+      select ${tenantId}, ${keyId}, now() - n * interval '1 hour', 1
+      from generate_series(1, 100) as n
+    `;
+    await rollUpClosedDays(db.sql);
+  });
+  after(async () => {
+    await db?.drop();
+  });
+
+  it("today's calls do not wait while the job sums a day; only that day's late calls do", async () => {
+    // Another session holds what the job holds while it sums yesterday: the
+    // state row and yesterday's lock, exclusively.
+    const job = db.sql.reserve();
+    const held = await job;
+    try {
+      await held`begin`;
+      await held`select * from usage_rollup_state for update`;
+      await held`select pg_advisory_xact_lock(7301944, usage_day_lock_key((now() at time zone 'UTC')::date - 1))`;
+      const insert = (when: string) =>
+        db.sql.begin(async (tx) => {
+          await tx`set local lock_timeout = '1s'`;
+          await tx`
+            insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+            values (${tenantId}, ${keyId}, ${when}::text::timestamptz, 1)
+          `;
+        });
+      const started = performance.now();
+      await insert(new Date().toISOString());
+      await insert(new Date(Date.now() - 2 * 86_400_000).toISOString()); // rolled up: folded in at once
+      expect(performance.now() - started).to.be.below(900);
+      // The day the job holds: a late call for it waits (here, past lock_timeout).
+      const waited = await insert(new Date(Date.now() - 86_400_000).toISOString()).then(
+        () => "no wait",
+        (err: { code?: string }) => err.code,
+      );
+      expect(waited).to.equal("55P03");
+    } finally {
+      await held`rollback`;
+      held.release();
+    }
+  });
+});
+
+describe("FetchUsageReport over the network", () => {
+  const service = useTestService();
+
+  for (const makeCaller of [connectGrpcCaller, grpcJsCaller]) {
+    describe(`called through ${makeCaller === grpcJsCaller ? "@grpc/grpc-js" : "connect-node"}`, () => {
+      let client: JsonCaller;
+      let tenantId: string;
+      let keys: string[];
+      before(async () => {
+        client = makeCaller(service.server.address);
+        tenantId = newTenant();
+        keys = [];
+        for (let i = 0; i < 3; i++) keys.push(await insertKey(service.db.sql, { tenantId }));
+        await service.db.sql`
+          insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+          select ${tenantId}, (${arrayLiteral(keys)}::uuid[])[1 + n % 3],
+                 timestamptz '2026-03-01 00:00:00+00' + n * interval '37 minutes', n / 1000.0,
+                 case when n % 2 = 0 then 'small-1' else 'large-2' end
+          from generate_series(1, 300) as n
+        `;
+      });
+      after(() => client.close());
+
+      const window = { since: "2026-03-01T00:00:00Z", until: "2026-03-08T00:00:00Z" };
+
+      it("answers daily buckets per key and model, with the window as applied", async () => {
+        const res = await client.call("FetchUsageReport", {
+          tenantId,
+          keyIds: [(keys[0] as string).toUpperCase()],
+          ...window,
+          bucketWidth: "USAGE_BUCKET_WIDTH_DAY",
+          groupBy: ["USAGE_GROUPING_KEY", "USAGE_GROUPING_MODEL"],
+        });
+        expect(res.since).to.equal("2026-03-01T00:00:00Z");
+        expect(res.until).to.equal("2026-03-08T00:00:00Z");
+        const rows = res.rows as Record<string, string>[];
+        const want = await groupByReport(service.db.sql, tenantId, {
+          keyIds: [keys[0] as string],
+          sinceUs: 1_772_323_200_000_000n,
+          untilUs: 1_772_928_000_000_000n,
+          width: "day",
+          byKey: true,
+          byModel: true,
+          order: "time",
+        });
+        expect(want.length).to.be.above(6);
+        expect(rows).to.deep.equal(
+          want.map((r) => ({
+            bucketStart: new Date(Number(r.bucket_us / 1000n)).toISOString().replace(".000Z", "Z"),
+            keyId: r.key_id,
+            model: r.model,
+            requestCount: String(r.request_count),
+            ...(r.spend_cents === 0n ? {} : { spendCents: String(r.spend_cents) }),
+            spendCentsExact: r.spend_cents_exact,
+          })),
+        );
+        expect(new Set(rows.map((r) => r.keyId))).to.deep.equal(new Set([keys[0]]));
+        expect(res.nextPageToken ?? "").to.equal("");
+      });
+
+      it("pages through a report in either order, each row once, the window fixed by the first page", async () => {
+        for (const orderBy of ["USAGE_REPORT_ORDER_UNSPECIFIED", "USAGE_REPORT_ORDER_SPEND_DESCENDING"]) {
+          const request = {
+            tenantId,
+            since: window.since,
+            bucketWidth: "USAGE_BUCKET_WIDTH_HOUR",
+            groupBy: ["USAGE_GROUPING_MODEL", "USAGE_GROUPING_KEY"],
+            orderBy,
+          };
+          const whole = await client.call("FetchUsageReport", { ...request, pageSize: 1000 });
+          const paged: unknown[] = [];
+          let until: unknown;
+          let pageToken = "";
+          do {
+            const page = await client.call("FetchUsageReport", { ...request, pageSize: 7, pageToken });
+            until ??= page.until;
+            expect(page.until).to.equal(until);
+            paged.push(...((page.rows as unknown[]) ?? []));
+            pageToken = (page.nextPageToken as string | undefined) ?? "";
+            // A call made after the first page is past the window it fixed.
+            await service.db.sql`
+              insert into proxy_calls (tenant_id, api_key_id, cost_cents, model)
+              values (${tenantId}, ${keys[1] as string}, 99, 'small-1')
+            `;
+          } while (pageToken !== "");
+          expect(paged.length).to.be.above(100);
+          expect(paged).to.deep.equal(whole.rows);
+        }
+      });
+
+      it("says which field is wrong", async () => {
+        const base = { tenantId, ...window };
+        const cases: [JsonObject, string][] = [
+          [{ ...base, bucketWidth: 7 }, "bucket_width"],
+          [{ ...base, groupBy: ["USAGE_GROUPING_UNSPECIFIED"] }, "group_by[0]"],
+          [{ ...base, groupBy: ["USAGE_GROUPING_KEY", 9] }, "group_by[1]"],
+          [{ ...base, orderBy: 5 }, "order_by"],
+          [{ tenantId }, "since"],
+          [{ ...base, since: window.until, until: window.since }, "since"],
+          [{ tenantId, since: "2999-01-01T00:00:00Z" }, "since"],
+          [{ ...base, keyIds: [keys[0] as string, "nope"] }, "key_ids[1]"],
+          [{ ...base, keyIds: Array.from({ length: 1001 }, () => keys[0] as string) }, "key_ids"],
+          [{ ...base, pageSize: -1 }, "page_size"],
+          [{ ...base, pageToken: "AAAA" }, "page_token"],
+          [{ ...base, tenantId: "x" }, "tenant_id"],
+        ];
+        for (const [request, field] of cases) {
+          const err = await failure(client.call("FetchUsageReport", request));
+          expect(err.code, `${JSON.stringify(request).slice(0, 200)}: ${err.rawMessage}`).to.equal(
+            Code.InvalidArgument,
+          );
+          expect(err.rawMessage).to.contain(field);
+        }
+      });
+
+      it("refuses a page token edited, or issued for another tenant or another report", async () => {
+        const request = { tenantId, ...window, bucketWidth: "USAGE_BUCKET_WIDTH_HOUR", pageSize: 2 };
+        const first = await client.call("FetchUsageReport", request);
+        const token = first.nextPageToken as string;
+        const edited = `${token.slice(0, -1)}${token.endsWith("A") ? "B" : "A"}`;
+        for (const other of [
+          { ...request, pageToken: edited },
+          { ...request, pageToken: token, bucketWidth: "USAGE_BUCKET_WIDTH_DAY" },
+          { ...request, pageToken: token, groupBy: ["USAGE_GROUPING_MODEL"] },
+          { ...request, pageToken: token, until: "2026-03-09T00:00:00Z" },
+          { ...request, pageToken: token, tenantId: newTenant() },
+        ]) {
+          const err = await failure(client.call("FetchUsageReport", other));
+          expect(err.code).to.equal(Code.InvalidArgument);
+          expect(err.rawMessage).to.contain("page_token");
+        }
+        const second = await client.call("FetchUsageReport", { ...request, pageToken: token });
+        expect(second.rows).to.have.length(2);
+      });
+
+      it("keeps tenants apart: another tenant's key is NOT_FOUND, its calls are never counted", async () => {
+        const other = newTenant();
+        const otherKey = await insertKey(service.db.sql, { tenantId: other });
+        await service.db.sql`
+          insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+          values (${other}, ${otherKey}, '2026-03-02 00:00:00+00', 5), (${other}, ${keys[0] as string}, '2026-03-02 00:00:00+00', 5)
+        `;
+        const err = await failure(
+          client.call("FetchUsageReport", { tenantId, keyIds: [keys[0] as string, otherKey], ...window }),
+        );
+        expect(err.code).to.equal(Code.NotFound);
+        const mine = await client.call("FetchUsageReport", { tenantId, ...window });
+        expect((mine.rows as { requestCount: string }[])[0]?.requestCount).to.equal("272");
+        const theirs = await client.call("FetchUsageReport", {
+          tenantId: other,
+          ...window,
+          groupBy: ["USAGE_GROUPING_KEY"],
+        });
+        expect((theirs.rows as { keyId: string }[]).map((r) => r.keyId).sort()).to.deep.equal(
+          [otherKey, keys[0]].sort(),
+        );
+        const none = await client.call("FetchUsageReport", { tenantId: newTenant(), ...window });
+        expect(none.rows ?? []).to.deep.equal([]);
+      });
+    });
+  }
+});
