@@ -69,6 +69,8 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
       // Waits for the writers of this day still under way (late calls),
       // and holds back new ones until the day is rolled up (migration 0005).
       await tx`select pg_advisory_xact_lock(${dayLockKey}, usage_day_lock_key(${day}::date))`;
+      // A day of every key sorts and groups in memory rather than on disk.
+      await tx`set local work_mem = '64MB'`;
       await tx`
         with hourly as (
           insert into proxy_call_hourly (tenant_id, api_key_id, hour, model, request_count, spend_cents)
