@@ -305,6 +305,7 @@ describe("proxy_calls' writers and the rollup job", () => {
   let db: TestDatabase;
   let tenantId: string;
   let keyId: string;
+  const daysAgo = (n: number) => new Date(Date.now() - n * 86_400_000).toISOString();
 
   before(async () => {
     db = await createTestDatabase();
@@ -312,46 +313,97 @@ describe("proxy_calls' writers and the rollup job", () => {
     keyId = await insertKey(db.sql, { tenantId });
     await db.sql`
       insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
-      select ${tenantId}, ${keyId}, now() - n * interval '1 hour', 1
+      select ${tenantId}, ${keyId}, date_trunc('day', now(), 'UTC') - n * interval '1 hour' + interval '1 minute', 1
       from generate_series(1, 100) as n
     `;
-    await rollUpClosedDays(db.sql);
+    // Every closed day but yesterday: yesterday is the one the job rolls up next.
+    const [closed]: [{ n: number }?] = await db.sql`
+      select ((now() at time zone 'UTC')::date - (min(created_at) at time zone 'UTC')::date)::int4 as n
+      from proxy_calls
+    `;
+    await rollUpClosedDays(db.sql, { maxDays: (closed?.n ?? 1) - 1 });
   });
   after(async () => {
     await db?.drop();
   });
 
+  const insert = (calls: string[], isolation = "read committed") =>
+    db.sql.begin(async (tx) => {
+      await tx.unsafe(`set transaction isolation level ${isolation}`);
+      await tx`set local lock_timeout = '1s'`;
+      await tx`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+        select ${tenantId}, ${keyId}, at::timestamptz, 1
+        from unnest(${arrayLiteral(calls)}::text[]) as at
+      `;
+      const [locks]: [{ n: number }?] = await tx`
+        select count(*)::int4 as n from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()
+      `;
+      return locks?.n ?? 0;
+    });
+  const outcome = (promise: Promise<unknown>) =>
+    promise.then(
+      () => "done",
+      (err: { code?: string }) => err.code,
+    );
+
   it("today's calls do not wait while the job sums a day; only that day's late calls do", async () => {
     // Another session holds what the job holds while it sums yesterday: the
-    // state row and yesterday's lock, exclusively.
-    const job = db.sql.reserve();
-    const held = await job;
+    // state row, and the locks of every day and of yesterday, exclusively.
+    const held = await db.sql.reserve();
     try {
       await held`begin`;
       await held`select * from usage_rollup_state for update`;
-      await held`select pg_advisory_xact_lock(7301944, usage_day_lock_key((now() at time zone 'UTC')::date - 1))`;
-      const insert = (when: string) =>
-        db.sql.begin(async (tx) => {
-          await tx`set local lock_timeout = '1s'`;
-          await tx`
-            insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
-            values (${tenantId}, ${keyId}, ${when}::text::timestamptz, 1)
-          `;
-        });
+      await held`
+        select pg_try_advisory_xact_lock(7301944, usage_all_days_lock_key()),
+               pg_try_advisory_xact_lock(7301944, usage_day_lock_key((now() at time zone 'UTC')::date - 1))
+      `;
       const started = performance.now();
-      await insert(new Date().toISOString());
-      await insert(new Date(Date.now() - 2 * 86_400_000).toISOString()); // rolled up: folded in at once
+      expect(await insert([new Date().toISOString()]), "locks of a call of today").to.equal(1);
+      expect(await insert([daysAgo(2), daysAgo(3)]), "locks of late calls, rolled up: folded in").to.equal(0);
       expect(performance.now() - started).to.be.below(900);
-      // The day the job holds: a late call for it waits (here, past lock_timeout).
-      const waited = await insert(new Date(Date.now() - 86_400_000).toISOString()).then(
-        () => "no wait",
-        (err: { code?: string }) => err.code,
-      );
-      expect(waited).to.equal("55P03");
+      // The day the job holds: a late call for it waits (here, past lock_timeout);
+      // so do calls of many days, and a writer at REPEATABLE READ.
+      expect(await outcome(insert([daysAgo(1)]))).to.equal("55P03");
+      const manyDays = Array.from({ length: 40 }, (_, i) => new Date(Date.now() + i * 86_400_000).toISOString());
+      expect(await outcome(insert(manyDays))).to.equal("55P03");
+      expect(await outcome(insert([new Date().toISOString()], "repeatable read"))).to.equal("55P03");
     } finally {
       await held`rollback`;
       held.release();
     }
+  });
+
+  it("a statement holds a few locks, whatever the days of its calls", async () => {
+    const days = Array.from({ length: 5000 }, (_, i) => new Date(Date.now() - (i - 2500) * 86_400_000).toISOString());
+    expect(await insert(days)).to.equal(1);
+    expect(await insert(days.slice(2495, 2502))).to.be.at.most(3);
+  });
+
+  it("rolls up a day its writers are using as soon as they are done, exactly", async () => {
+    const writer = await db.sql.reserve();
+    try {
+      await writer`begin`;
+      await writer`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+        values (${tenantId}, ${keyId}, ${daysAgo(1)}::timestamptz, 5)
+      `;
+      const job = rollUpClosedDays(db.sql);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await writer`commit`;
+      expect((await job).days).to.have.length(1);
+    } finally {
+      writer.release();
+    }
+    const [check]: [{ rolled: bigint; raw: bigint }?] = await db.sql`
+      select
+        (select sum(request_count) from proxy_call_daily where tenant_id = ${tenantId})::int8 as rolled,
+        (select count(*) from proxy_calls, usage_rollup_state
+         where tenant_id = ${tenantId}
+           and created_at >= rolled_from::timestamp at time zone 'UTC'
+           and created_at < rolled_until::timestamp at time zone 'UTC')::int8 as raw
+    `;
+    expect(check?.rolled).to.equal(check?.raw);
   });
 });
 

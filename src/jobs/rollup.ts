@@ -4,6 +4,9 @@ import type { Sql } from "../db/client.js";
 const rollupLockKey = 7_301_944_513n;
 /** The first key of a UTC day's advisory lock (migration 0005). */
 const dayLockKey = 7_301_944;
+/** How often, and how far apart, the job tries again a day whose writers are under way. */
+const maxContended = 50;
+const contendedRetryMs = 20;
 
 /** Closed UTC days not rolled up yet (0 when up to date); undefined before the first run. */
 export async function rollupLagDays(sql: Sql): Promise<number | undefined> {
@@ -36,6 +39,7 @@ export interface RollupRun {
 export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: number } = {}): Promise<RollupRun> {
   const maxDays = options.maxDays ?? 1000;
   const days: string[] = [];
+  let contended = 0;
   while (days.length < maxDays) {
     const step = await sql.begin(async (tx) => {
       const [lock]: [{ locked: boolean }?] = await tx`
@@ -66,9 +70,15 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
       }
       const day = state.rolled_until;
       if (day >= state.today) return "done" as const;
-      // Waits for the writers of this day still under way (late calls),
-      // and holds back new ones until the day is rolled up (migration 0005).
-      await tx`select pg_advisory_xact_lock(${dayLockKey}, usage_day_lock_key(${day}::date))`;
+      // Holds back the writers of this day (late calls) until it is rolled
+      // up, and finds none under way. Only tried: the job waits for no
+      // writer, so none can deadlock with it (migration 0005).
+      const [free]: [{ free: boolean }?] = await tx`
+        select
+          pg_try_advisory_xact_lock(${dayLockKey}, usage_all_days_lock_key())
+          and pg_try_advisory_xact_lock(${dayLockKey}, usage_day_lock_key(${day}::date)) as free
+      `;
+      if (!free?.free) return "contended" as const;
       // A day of every key sorts and groups in memory rather than on disk.
       await tx`set local work_mem = '64MB'`;
       await tx`
@@ -113,6 +123,14 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
     });
     if (step === "busy") return { ran: days.length > 0, days };
     if (step === "done") break;
+    if (step === "contended") {
+      // A writer of the day is under way: its transaction is short, try
+      // again soon; a day that stays contended waits for the next run.
+      if (++contended > maxContended) return { ran: true, days };
+      await new Promise((resolve) => setTimeout(resolve, contendedRetryMs));
+      continue;
+    }
+    contended = 0;
     if (step !== "started") days.push(step);
   }
   return { ran: true, days };

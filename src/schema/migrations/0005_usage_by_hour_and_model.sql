@@ -82,39 +82,62 @@ alter table proxy_call_hourly set (autovacuum_vacuum_scale_factor = 0.02, autova
 alter table proxy_call_spans set (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02);
 
 -- A UTC day's advisory lock: the two-key form, an arbitrary first key and
--- the day as days since 2000-01-01.
+-- the day as days since 2000-01-01 (every date PostgreSQL can hold fits).
 create function usage_day_lock_key(day date) returns int4
 language sql immutable parallel safe
 return day - date '2000-01-01';
 
+-- The lock that stands for every day: the one number no date gives.
+create function usage_all_days_lock_key() returns int4
+language sql immutable parallel safe
+return -2147483648;
+
 -- Adds `sign` times `calls` to the rollups, those on rolled-up days.
--- First the shared lock of each day the calls fall on (in day order), then
--- the state, read after the locks: under READ COMMITTED each statement here
--- sees what committed before it, the job's last day included.
+--
+-- Only a day the job may still roll up (from rolled_until on) needs its
+-- lock: the job never sums a day twice, so calls of rolled-up days are
+-- simply folded in. A writer at READ COMMITTED (the default) reads the
+-- state, takes the shared lock of each such day its calls fall on, then
+-- reads the state again: each statement here sees what committed before it,
+-- so it sees the job's last day. Calls of many such days (more than 16), or
+-- of days after tomorrow (which the job cannot sum while this transaction
+-- runs unless it stays open for a day), take one shared lock that covers
+-- every day instead, so that no statement holds more than a few locks (the
+-- lock table is shared by the whole server).
 --
 -- A writer whose snapshot is older than its statement (REPEATABLE READ,
--- SERIALIZABLE) could read a state the job has since moved. It locks the row
--- instead, before the day locks (the job's order), and PostgreSQL fails it
--- if the job moved the row after its snapshot was taken: such a writer is
--- retried by its client, never miscounted. It also waits while the job sums
--- a day; writers at READ COMMITTED, the default, never do.
+-- SERIALIZABLE) could read a state the job has since moved. It locks the
+-- state row instead, which the job updates: PostgreSQL fails such a writer
+-- if the job moved the row after its snapshot was taken (it is retried by
+-- its client, never miscounted), and makes it wait while the job sums a day.
+--
+-- The job only ever tries these locks (src/jobs/rollup.ts): it waits for no
+-- writer, so a writer's transaction and the job cannot deadlock.
 create function usage_rollups_add(calls proxy_calls[], sign int) returns void
 language plpgsql as $$
 declare
   state usage_rollup_state;
-  fresh_snapshots boolean := current_setting('transaction_isolation') = 'read committed';
+  open_days date[];
 begin
-  if not fresh_snapshots then
+  if current_setting('transaction_isolation') <> 'read committed' then
     select * into state from usage_rollup_state where singleton for share;
-  end if;
-  perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(days.day))
-  from (
-    select distinct (c.created_at at time zone 'UTC')::date as day
-    from unnest(calls) as c
-    order by 1
-  ) as days;
-  if fresh_snapshots then
+  else
     select * into state from usage_rollup_state where singleton;
+    select array_agg(day order by day) into open_days
+    from (
+      select distinct (c.created_at at time zone 'UTC')::date as day
+      from unnest(calls) as c
+    ) as days
+    where state.rolled_until is null or day >= state.rolled_until;
+    if open_days is not null then
+      if cardinality(open_days) > 16
+         or open_days[cardinality(open_days)] > (clock_timestamp() at time zone 'UTC')::date + 1 then
+        perform pg_advisory_xact_lock_shared(7301944, usage_all_days_lock_key());
+      else
+        perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(day)) from unnest(open_days) as day;
+      end if;
+      select * into state from usage_rollup_state where singleton;
+    end if;
   end if;
   if state.rolled_from is null then
     return;
