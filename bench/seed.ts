@@ -69,7 +69,7 @@ export async function seed(sql: Sql, scale: Scale): Promise<void> {
   await sql.unsafe(`
     drop schema if exists bench cascade;
     create schema bench;
-    truncate api_keys, key_events, proxy_calls, proxy_call_daily, proxy_call_hourly, proxy_call_spans;
+    truncate api_keys, key_events, proxy_calls, proxy_call_daily, proxy_call_hourly, proxy_call_spans, proxy_call_late;
     update usage_rollup_state set rolled_from = null, rolled_until = null;
   `);
   // The owner of key k: the big tenants first, then round-robin over the rest.

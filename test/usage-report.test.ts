@@ -97,14 +97,29 @@ async function rollupMismatches(sql: Sql): Promise<number> {
       group by 1, 2, 3, 4
     ),
     kept as (
-      select 'h' as kind, tenant_id, api_key_id, hour as at, model, request_count, spend_cents
-      from proxy_call_hourly where request_count <> 0
-      union all
-      select 'd', tenant_id, api_key_id, day::timestamp at time zone 'UTC', model, request_count, spend_cents
-      from proxy_call_daily where request_count <> 0
-      union all
-      select 's' || span_days, tenant_id, api_key_id, first_day::timestamp at time zone 'UTC', '', request_count, spend_cents
-      from proxy_call_spans where request_count <> 0
+      select kind, tenant_id, api_key_id, at, model, sum(request_count) as request_count, sum(spend_cents) as spend_cents
+      from (
+        select 'h' as kind, tenant_id, api_key_id, hour as at, model, request_count, spend_cents
+        from proxy_call_hourly
+        union all
+        select 'd', tenant_id, api_key_id, day::timestamp at time zone 'UTC', model, request_count, spend_cents
+        from proxy_call_daily
+        union all
+        select 's' || span_days, tenant_id, api_key_id, first_day::timestamp at time zone 'UTC', '', request_count, spend_cents
+        from proxy_call_spans
+        union all
+        -- Calls written since for rolled-up days, not folded in yet.
+        select k.kind, tenant_id, api_key_id, k.at, model, request_count, spend_cents
+        from proxy_call_late
+        cross join lateral (values ('h', hour), ('d', date_trunc('day', hour, 'UTC'))) as k (kind, at)
+        union all
+        select 's' || span.days, tenant_id, api_key_id,
+               usage_span_start((hour at time zone 'UTC')::date, span.days)::timestamp at time zone 'UTC', '',
+               request_count, spend_cents
+        from proxy_call_late cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
+      ) as all_rows
+      group by 1, 2, 3, 4, 5
+      having sum(request_count) <> 0
     )
     select count(*) as n from (
       (select * from fresh except select * from kept)
@@ -170,6 +185,30 @@ describe("FetchUsageReport's sums", () => {
     }
   }
 
+  /** Each key's report without buckets equals FetchKeyUsage, on random windows. */
+  async function expectUsageMatches(seed: number, count: number) {
+    const random = generator(seed);
+    for (let i = 0; i < count; i++) {
+      const shape = randomShape(random, i);
+      const keyId = keys[i % keys.length] as string;
+      const rows = await report(db.sql, tenantId, {
+        ...shape,
+        keyIds: [keyId],
+        byKey: true,
+        byModel: false,
+        width: "none",
+        limit: 10,
+      });
+      const usage = await fetchKeyUsage(db.sql, tenantId, keyId, shape);
+      if (usage === undefined) continue; // the deleted key: FetchKeyUsage does not know it
+      expect(rows.length).to.be.at.most(1);
+      expect([rows[0]?.request_count ?? 0n, rows[0]?.spend_cents_exact ?? "0"]).to.deep.equal([
+        usage.request_count,
+        usage.spend_cents_exact,
+      ]);
+    }
+  }
+
   before(async () => {
     db = await createTestDatabase();
     tenantId = newTenant();
@@ -231,29 +270,21 @@ describe("FetchUsageReport's sums", () => {
     `;
     expect(await rollupMismatches(db.sql)).to.equal(0);
     await expectReportsExact(24, 60);
+    await expectUsageMatches(29, 20);
+  });
+
+  it("folds the calls written for rolled-up days into the rollups on the job's next run", async () => {
+    const [before]: [{ n: bigint }?] = await db.sql`select count(*) as n from proxy_call_late`;
+    expect(Number(before?.n)).to.be.above(0);
+    await rollUpClosedDays(db.sql);
+    const [after]: [{ n: bigint }?] = await db.sql`select count(*) as n from proxy_call_late`;
+    expect(after?.n).to.equal(0n);
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+    await expectReportsExact(28, 30);
   });
 
   it("add up to FetchKeyUsage for every key and window", async () => {
-    const random = generator(25);
-    for (let i = 0; i < 30; i++) {
-      const shape = randomShape(random, i);
-      const keyId = keys[i % keys.length] as string;
-      const rows = await report(db.sql, tenantId, {
-        ...shape,
-        keyIds: [keyId],
-        byKey: true,
-        byModel: false,
-        width: "none",
-        limit: 10,
-      });
-      const usage = await fetchKeyUsage(db.sql, tenantId, keyId, shape);
-      if (usage === undefined) continue; // the deleted key: FetchKeyUsage does not know it
-      expect(rows.length).to.be.at.most(1);
-      expect([rows[0]?.request_count ?? 0n, rows[0]?.spend_cents_exact ?? "0"]).to.deep.equal([
-        usage.request_count,
-        usage.spend_cents_exact,
-      ]);
-    }
+    await expectUsageMatches(25, 30);
   });
 
   it("are exact above 2^53 cents, in the rollups and in half-up rounding", async () => {
@@ -280,6 +311,24 @@ describe("FetchUsageReport's sums", () => {
     expect(row?.spend_cents_exact).to.equal("9999999999999500");
     expect(row?.spend_cents).to.equal(9_999_999_999_999_500n);
     expect(await rollupMismatches(db.sql)).to.equal(0);
+  });
+
+  it("equal it with model names of any length, and calls at ±infinity, before and after the job", async () => {
+    const key = keys[4] as string;
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+      select ${tenantId}::uuid, ${key}::uuid, date_trunc('day', now(), 'UTC') - n * interval '1 day' + interval '1 hour',
+             1.5, repeat('m', 5000 + n)
+      from generate_series(1, 3) as n
+      union all
+      select ${tenantId}::uuid, ${key}::uuid, at::timestamptz, 1, 'odd'
+      from unnest(array['infinity', '-infinity']) as at
+    `;
+    await expectReportsExact(26, 20);
+    await rollUpClosedDays(db.sql);
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+    await expectReportsExact(27, 20);
+    await db.sql`delete from proxy_calls where tenant_id = ${tenantId} and not isfinite(created_at)`;
   });
 
   it("hold no row for a TRUNCATE of proxy_calls, which empties the rollups with it", async () => {
@@ -405,6 +454,27 @@ describe("proxy_calls' writers and the rollup job", () => {
     `;
     expect(check?.rolled).to.equal(check?.raw);
   });
+
+  it("late calls of one key never wait for each other, nor stop the job", async () => {
+    const first = await db.sql.reserve();
+    try {
+      await first`begin`;
+      await first`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+        values (${tenantId}, ${keyId}, ${daysAgo(3)}::timestamptz, 2)
+      `;
+      // Another late call of the same key, a day later, while the first is open.
+      expect(await insert([daysAgo(2)])).to.equal(0);
+      const run = await rollUpClosedDays(db.sql);
+      expect(run.ran).to.equal(true);
+      await first`commit`;
+    } finally {
+      first.release();
+    }
+    await rollUpClosedDays(db.sql);
+    const [late]: [{ n: bigint }?] = await db.sql`select count(*) as n from proxy_call_late`;
+    expect(late?.n).to.equal(0n);
+  });
 });
 
 describe("FetchUsageReport over the network", () => {
@@ -508,7 +578,7 @@ describe("FetchUsageReport over the network", () => {
           [{ ...base, since: window.until, until: window.since }, "since"],
           [{ tenantId, since: "2999-01-01T00:00:00Z" }, "since"],
           [{ ...base, keyIds: [keys[0] as string, "nope"] }, "key_ids[1]"],
-          [{ ...base, keyIds: Array.from({ length: 1001 }, () => keys[0] as string) }, "key_ids"],
+          [{ ...base, keyIds: Array.from({ length: 1001 }, () => randomUUID()) }, "key_ids"],
           [{ ...base, pageSize: -1 }, "page_size"],
           [{ ...base, pageToken: "AAAA" }, "page_token"],
           [{ ...base, tenantId: "x" }, "tenant_id"],
@@ -520,6 +590,35 @@ describe("FetchUsageReport over the network", () => {
           );
           expect(err.rawMessage).to.contain(field);
         }
+      });
+
+      it("gives the int64 maximum for a spend beyond it, and the exact sum beside it", async () => {
+        const rich = newTenant();
+        const key = await insertKey(service.db.sql, { tenantId: rich });
+        await service.db.sql`
+          insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+          select ${rich}, ${key}, timestamptz '2026-03-02 00:00:00+00' + n * interval '1 second', 99999999999999.999999
+          from generate_series(1, 100000) as n
+        `;
+        const res = await client.call("FetchUsageReport", { tenantId: rich, ...window });
+        expect(res.rows).to.deep.equal([
+          {
+            bucketStart: window.since,
+            requestCount: "100000",
+            spendCents: "9223372036854775807",
+            spendCentsExact: "9999999999999999999.9",
+          },
+        ]);
+      });
+
+      it("counts a key named twice once", async () => {
+        const res = await client.call("FetchUsageReport", {
+          tenantId,
+          keyIds: [...Array.from({ length: 1500 }, () => keys[0] as string), (keys[0] as string).toUpperCase()],
+          ...window,
+          groupBy: ["USAGE_GROUPING_KEY"],
+        });
+        expect((res.rows as { keyId: string }[]).map((r) => r.keyId)).to.deep.equal([keys[0]]);
       });
 
       it("refuses a page token edited, or issued for another tenant or another report", async () => {

@@ -45,8 +45,8 @@ export interface ReportRow {
   readonly request_count: bigint;
   /** The exact sum of cost_cents, e.g. "12.5". */
   readonly spend_cents_exact: string;
-  /** The exact sum rounded half-up to whole cents. */
-  readonly spend_cents: bigint;
+  /** The exact sum rounded half-up to whole cents; null when that is beyond int64. */
+  readonly spend_cents: bigint | null;
 }
 
 const nilUuid = "00000000-0000-0000-0000-000000000000";
@@ -114,7 +114,7 @@ const earlier = (a: Micros, b: Micros) => (a < b ? a : b);
 
 /** A part of a report's window, [fromUs, untilUs), and where it is read from. */
 interface Piece {
-  readonly source: "calls" | "hourly" | "daily" | "spans";
+  readonly source: "calls" | "hourly" | "daily" | "spans" | "late";
   readonly fromUs: Micros;
   readonly untilUs: Micros;
   /** For spans: their length in days. */
@@ -148,7 +148,9 @@ function spansOf(fromUs: Micros, untilUs: Micros): Piece[] {
  * model, from proxy_call_daily; the other whole rolled-up hours from
  * proxy_call_hourly (every one of them when the report is hourly); the rest
  * (at most part of an hour at each edge, and the days not rolled up yet,
- * such as today) from proxy_calls. Empty pieces are left out.
+ * such as today) from proxy_calls; and over the rolled-up hours, the calls
+ * written for them since they were rolled up (proxy_call_late). Empty
+ * pieces are left out.
  */
 export function reportPieces(
   sinceUs: Micros,
@@ -167,6 +169,8 @@ export function reportPieces(
     return pieces;
   }
   add("calls", sinceUs, hoursFrom);
+  // Calls written for rolled-up days since, not yet in the rollups.
+  add("late", hoursFrom, hoursUntil);
   const daysFrom = ceilTo(hoursFrom, dayUs);
   const daysUntil = floorTo(hoursUntil, dayUs);
   if (shape.width !== "hour" && daysFrom < daysUntil) {
@@ -215,6 +219,14 @@ export async function fetchUsageReport(sql: Sql, tenantId: string, query: Report
         return sql`
           select hour as at, api_key_id, model, request_count, spend_cents as spend
           from proxy_call_hourly
+          where tenant_id = ${tenantId} ${keys}
+            and hour >= ${from}
+            and hour < ${to}
+        `;
+      case "late":
+        return sql`
+          select hour as at, api_key_id, model, request_count, spend_cents as spend
+          from proxy_call_late
           where tenant_id = ${tenantId} ${keys}
             and hour >= ${from}
             and hour < ${to}
@@ -279,7 +291,8 @@ export async function fetchUsageReport(sql: Sql, tenantId: string, query: Report
       model,
       request_count,
       trim_scale(spend)::text as spend_cents_exact,
-      round(spend)::int8 as spend_cents
+      -- Null past int64 (the caller gets the exact text; see reportRow).
+      case when abs(round(spend)) <= 9223372036854775807 then round(spend)::int8 end as spend_cents
     from sorted
     ${position}
     ${order}

@@ -19,9 +19,10 @@ export interface UsageRow {
  * another tenant reads exactly like a missing one.
  *
  * The whole UTC days inside the window that the rollup holds come from
- * proxy_call_daily (one row per day); the rest of the window, at most a
- * partial day at each edge plus the days not rolled up yet, from proxy_calls
- * by index-only scans. One statement, one snapshot: the rollup job and the
+ * proxy_call_daily (a row per day and model) and proxy_call_late (calls
+ * written for those days since they were rolled up); the rest of the
+ * window, at most a partial day at each edge plus the days not rolled up
+ * yet, from proxy_calls by index-only scans. One statement, one snapshot: the rollup job and the
  * late-row trigger commit atomically, so the parts never overlap or miss.
  */
 export async function fetchKeyUsage(
@@ -70,9 +71,9 @@ export async function fetchKeyUsage(
     select
       epoch_micros(plan.since) as since_us,
       epoch_micros(plan.until) as until_us,
-      head.request_count + tail.request_count + rolled.request_count as request_count,
-      trim_scale(head.spend + tail.spend + rolled.spend)::text as spend_cents_exact,
-      round(head.spend + tail.spend + rolled.spend)::int8 as spend_cents
+      head.request_count + tail.request_count + rolled.request_count + late.request_count as request_count,
+      trim_scale(head.spend + tail.spend + rolled.spend + late.spend)::text as spend_cents_exact,
+      round(head.spend + tail.spend + rolled.spend + late.spend)::int8 as spend_cents
     from api_keys
     cross join plan
     -- The two raw ranges are two subqueries on purpose: as one join over a
@@ -103,6 +104,16 @@ export async function fetchKeyUsage(
         and proxy_call_daily.day >= (plan.first_whole_day at time zone 'UTC')::date
         and proxy_call_daily.day < (plan.rolled_end at time zone 'UTC')::date
     ) as rolled
+    -- Calls written for those days since they were rolled up (migration 0005).
+    cross join lateral (
+      select coalesce(sum(request_count), 0)::int8 as request_count, coalesce(sum(spend_cents), 0) as spend
+      from proxy_call_late
+      where proxy_call_late.tenant_id = ${tenantId}
+        and proxy_call_late.api_key_id = api_keys.id
+        and plan.use_rollup
+        and proxy_call_late.hour >= plan.first_whole_day
+        and proxy_call_late.hour < plan.rolled_end
+    ) as late
     where api_keys.tenant_id = ${tenantId}
       and api_keys.id = ${keyId}
   `;

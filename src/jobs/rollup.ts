@@ -1,3 +1,4 @@
+import type Postgres from "postgres";
 import type { Sql } from "../db/client.js";
 
 /** Lets one rollup job run at a time across every replica; an arbitrary constant. */
@@ -27,11 +28,13 @@ export interface RollupRun {
 }
 
 /**
- * Rolls up closed UTC days (every day before today) into proxy_call_daily
- * and proxy_call_hourly, by key and model, one day per transaction: the
- * day's sums and the move of rolled_until commit together, so a crash loses at most the day in progress, and the
- * next run resumes there. Runs again are no-ops. With several replicas, only
- * the one that gets the advisory lock works; the rest return at once.
+ * Rolls up closed UTC days (every day before today) into the rollups
+ * (migration 0005), one day per transaction: the day's sums and the move of
+ * rolled_until commit together, so a crash loses at most the day in
+ * progress, and the next run resumes there. Then folds the calls written
+ * since for rolled-up days (proxy_call_late) into them. Runs again are
+ * no-ops. With several replicas, only the one that gets the advisory lock
+ * works; the rest return at once.
  *
  * The job's statements span tenants by nature (it rolls up a day of every
  * key), unlike every statement on the request path.
@@ -55,7 +58,8 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
       if (!state) throw new Error("usage_rollup_state has no row: run the migrations");
       if (state.rolled_until === null) {
         // First run: start at the oldest call's day (a one-time full scan);
-        // older days than that have no calls to roll up.
+        // older days than that have no calls to roll up. A call at
+        // '-infinity' (someone else's SQL) is on no day.
         await tx`
           update usage_rollup_state
           set rolled_from = first.day,
@@ -63,6 +67,7 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
           from (
             select coalesce((min(created_at) at time zone 'UTC')::date, ${state.today}::date) as day
             from proxy_calls
+            where isfinite(created_at)
           ) as first
           where singleton
         `;
@@ -83,36 +88,26 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
       await tx`set local work_mem = '64MB'`;
       await tx`
         with hourly as (
-          insert into proxy_call_hourly (tenant_id, api_key_id, hour, model, request_count, spend_cents)
-          select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), coalesce(model, ''), count(*), sum(cost_cents)
+          insert into proxy_call_hourly (tenant_id, api_key_id, hour, model_key, model, request_count, spend_cents)
+          select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), usage_model_key(model),
+                 min(coalesce(model, '')), count(*), sum(cost_cents)
           from proxy_calls
           where created_at >= ${day}::timestamp at time zone 'UTC'
             and created_at < (${day}::date + 1)::timestamp at time zone 'UTC'
           group by 1, 2, 3, 4
-          on conflict (tenant_id, api_key_id, hour, model) do update
-            set request_count = excluded.request_count,
-                spend_cents = excluded.spend_cents
-          returning tenant_id, api_key_id, model, request_count, spend_cents
+          returning tenant_id, api_key_id, model_key, model, request_count, spend_cents
         ),
         daily as (
-          insert into proxy_call_daily (tenant_id, api_key_id, day, model, request_count, spend_cents)
-          select tenant_id, api_key_id, ${day}::date, model, sum(request_count), sum(spend_cents)
+          insert into proxy_call_daily (tenant_id, api_key_id, day, model_key, model, request_count, spend_cents)
+          select tenant_id, api_key_id, ${day}::date, model_key, min(model), sum(request_count), sum(spend_cents)
           from hourly
           group by 1, 2, 3, 4
-          on conflict (tenant_id, api_key_id, day, model) do update
-            set request_count = excluded.request_count,
-                spend_cents = excluded.spend_cents
+        ),
+        by_day as (
+          select tenant_id, api_key_id, ${day}::date as day, request_count, spend_cents
+          from hourly
         )
-        -- The day adds to each span that holds it (the spans also hold the
-        -- other days rolled up before).
-        insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
-        select tenant_id, span.days, usage_span_start(${day}::date, span.days), api_key_id, sum(request_count), sum(spend_cents)
-        from hourly
-        cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
-        group by 1, 2, 3, 4
-        on conflict (tenant_id, span_days, first_day, api_key_id) do update
-          set request_count = s.request_count + excluded.request_count,
-              spend_cents = s.spend_cents + excluded.spend_cents
+        ${addToSpans(tx, "by_day")}
       `;
       await tx`
         update usage_rollup_state
@@ -126,12 +121,80 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
     if (step === "contended") {
       // A writer of the day is under way: its transaction is short, try
       // again soon; a day that stays contended waits for the next run.
-      if (++contended > maxContended) return { ran: true, days };
+      if (++contended > maxContended) break;
       await new Promise((resolve) => setTimeout(resolve, contendedRetryMs));
       continue;
     }
     contended = 0;
     if (step !== "started") days.push(step);
   }
+  await foldLateCalls(sql);
   return { ran: true, days };
+}
+
+/**
+ * The end of a statement that adds `rows` (a CTE of tenant_id, api_key_id,
+ * day, request_count, spend_cents) to every span that holds their day.
+ */
+function addToSpans(sql: Sql | Postgres.TransactionSql<{ bigint: bigint }>, rows: string) {
+  return sql`
+    insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
+    select tenant_id, span.days, usage_span_start(day, span.days), api_key_id, sum(request_count), sum(spend_cents)
+    from ${sql(rows)}
+    cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
+    group by 1, 2, 3, 4
+    on conflict (tenant_id, span_days, first_day, api_key_id) do update
+      set request_count = s.request_count + excluded.request_count,
+          spend_cents = s.spend_cents + excluded.spend_cents
+  `;
+}
+
+/**
+ * Moves the calls written for rolled-up days since they were rolled up
+ * (proxy_call_late, appended to by writers) into the rollups, in one
+ * transaction: a reader sees them in one place or the other. Writers append
+ * meanwhile without waiting; what they commit later waits for the next run.
+ */
+export async function foldLateCalls(sql: Sql): Promise<boolean> {
+  return await sql.begin(async (tx) => {
+    const [lock]: [{ locked: boolean }?] = await tx`
+      select pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked
+    `;
+    if (!lock?.locked) return false;
+    await tx`
+      with moved as (
+        delete from proxy_call_late
+        returning *
+      ),
+      grouped as (
+        select tenant_id, api_key_id, hour, usage_model_key(model) as model_key, min(model) as model,
+               sum(request_count)::int8 as request_count, sum(spend_cents) as spend_cents
+        from moved
+        group by 1, 2, 3, 4
+      ),
+      hourly as (
+        insert into proxy_call_hourly as h (tenant_id, api_key_id, hour, model_key, model, request_count, spend_cents)
+        select tenant_id, api_key_id, hour, model_key, model, request_count, spend_cents
+        from grouped
+        on conflict (tenant_id, api_key_id, hour, model_key) do update
+          set request_count = h.request_count + excluded.request_count,
+              spend_cents = h.spend_cents + excluded.spend_cents
+      ),
+      daily as (
+        insert into proxy_call_daily as d (tenant_id, api_key_id, day, model_key, model, request_count, spend_cents)
+        select tenant_id, api_key_id, (hour at time zone 'UTC')::date, model_key, min(model), sum(request_count), sum(spend_cents)
+        from grouped
+        group by 1, 2, 3, 4
+        on conflict (tenant_id, api_key_id, day, model_key) do update
+          set request_count = d.request_count + excluded.request_count,
+              spend_cents = d.spend_cents + excluded.spend_cents
+      ),
+      by_day as (
+        select tenant_id, api_key_id, (hour at time zone 'UTC')::date as day, request_count, spend_cents
+        from grouped
+      )
+      ${addToSpans(tx, "by_day")}
+    `;
+    return true;
+  });
 }

@@ -16,6 +16,8 @@ import { optionalTimestamp, requireTimestamp, requireUuid } from "./validate.js"
 export const maxReportKeys = 1000;
 
 const nilUuid = "00000000-0000-0000-0000-000000000000";
+const maxInt64 = 9_223_372_036_854_775_807n;
+const minInt64 = -9_223_372_036_854_775_808n;
 
 /** A FetchUsageReport request, checked: everything but the tenant, the page and its size. */
 export interface ReportRequest {
@@ -57,13 +59,13 @@ function orderOf(value: UsageReportOrder): ReportOrder {
 
 /** Checks a FetchUsageReport request's fields but tenant_id, page_size and page_token. */
 export function reportRequest(req: FetchUsageReportRequest): ReportRequest {
-  if (req.keyIds.length > maxReportKeys) {
-    throw invalidArgument("key_ids", `must name at most ${maxReportKeys} keys`);
-  }
   const keyIds =
     req.keyIds.length === 0
       ? undefined
       : [...new Set(req.keyIds.map((id, i) => requireUuid(`key_ids[${i}]`, id)))].sort();
+  if (keyIds && keyIds.length > maxReportKeys) {
+    throw invalidArgument("key_ids", `must name at most ${maxReportKeys} different keys`);
+  }
   const sinceUs = requireTimestamp("since", req.since);
   const untilUs = optionalTimestamp("until", req.until);
   if (untilUs !== undefined && sinceUs > untilUs) throw invalidArgument("since", "must not be after until");
@@ -87,7 +89,9 @@ export function reportRow(row: ReportRow): UsageReportRow {
     keyId: row.key_id ?? "",
     model: row.model ?? "",
     requestCount: row.request_count,
-    spendCents: row.spend_cents,
+    // Beyond int64 (a spend of more than 2^63 cents): the nearest int64;
+    // spend_cents_exact stays exact.
+    spendCents: row.spend_cents ?? (row.spend_cents_exact.startsWith("-") ? minInt64 : maxInt64),
     spendCentsExact: row.spend_cents_exact,
   });
 }

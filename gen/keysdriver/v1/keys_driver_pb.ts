@@ -927,9 +927,9 @@ export type FetchUsageReportRequest = Message<"keysdriver.v1.FetchUsageReportReq
   tenantId: string;
 
   /**
-   * Optional. Only these keys (at most 1000; repeats count once), each of
-   * which the tenant must have. Empty: every key of the tenant, keys since
-   * deleted included.
+   * Optional. Only these keys (at most 1000 different ones; a key named
+   * twice counts once), each of which the tenant must have. Empty: every
+   * key of the tenant, keys since deleted included.
    *
    * @generated from field: repeated string key_ids = 2;
    */
@@ -984,7 +984,11 @@ export type FetchUsageReportRequest = Message<"keysdriver.v1.FetchUsageReportReq
   /**
    * Empty for the first page; otherwise a next_page_token from an earlier
    * answer to the same request (every other field equal). Each page is
-   * summed when it is asked for, over the window the first page fixed.
+   * summed when it is asked for, over the window the first page fixed; a
+   * row's place is kept by its bucket, key and model (and, ordered by spend,
+   * its spend), so in a report ordered by spend a row whose spend changes
+   * between pages (calls written late into the window) can be missed or
+   * repeated. Time order has no such gap.
    *
    * @generated from field: string page_token = 9;
    */
@@ -1035,7 +1039,8 @@ export type UsageReportRow = Message<"keysdriver.v1.UsageReportRow"> & {
   requestCount: bigint;
 
   /**
-   * Their total cost in whole cents: the exact sum rounded half-up.
+   * Their total cost in whole cents: the exact sum rounded half-up (the
+   * int64 maximum for a sum beyond it).
    *
    * @generated from field: int64 spend_cents = 5;
    */

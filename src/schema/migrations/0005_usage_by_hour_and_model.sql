@@ -1,24 +1,28 @@
 -- Usage reports (FetchUsageReport) bucket calls by hour or day and group them
--- by key and model. The rollups therefore keep the model, and an hourly one
--- joins the daily one; both hold exactly the closed UTC days in
--- usage_rollup_state's [rolled_from, rolled_until), as before.
+-- by key and model, and sum a tenant's keys over long windows. The job now
+-- rolls closed UTC days up into three tables: hourly and daily per key and
+-- model, and per key over aligned spans of days. They hold exactly the days
+-- in usage_rollup_state's [rolled_from, rolled_until), as before, together
+-- with proxy_call_late: the calls written since for those days.
 --
 -- The rollups are rebuilt: the state goes back to "never run", and the job
 -- rolls the days up again, one per transaction, on its next runs. Until it
 -- has caught up, usage is read from proxy_calls: exact, only slower.
 --
--- How writers of proxy_calls and the job are kept apart changes too. The
--- job used to hold the state row locked while it summed a day, and every
--- insert waited for it (today's calls included). Now each statement that
--- writes proxy_calls takes, for each UTC day its rows fall on, a
--- transaction-level advisory lock in shared mode; the job takes the lock of
--- the one day it sums in exclusive mode. Writers never wait for each other,
--- and only a writer of the day being summed (a late call) waits for the job:
--- today's calls never do, since the job only sums days that are over.
--- Whoever takes a day's lock second sees what the first committed: a call
--- committed before the job took the lock is in its sum; a call written after
--- the job committed finds its day rolled up and is added to the rollups
--- here, in its own transaction. Either way once, never twice.
+-- Writers of proxy_calls only ever append. A call of a day already rolled up
+-- (a late call; or one updated or deleted, as its row out and its row in)
+-- adds a row to proxy_call_late in the writer's transaction, which the job
+-- folds into the rollups later. Writers thus never lock a rollup row: they
+-- never wait for each other there, and never for the job.
+--
+-- The writers and the job meet on one thing: a day the job may be rolling up
+-- right now. Each writing statement takes, for each such day its calls fall
+-- on, a transaction-level advisory lock in shared mode; the job tries the
+-- lock of the day it sums in exclusive mode, and leaves the day for a moment
+-- later while a writer of it is under way. Whoever gets the lock second sees
+-- what the first committed: a call committed before the job took the lock is
+-- in its sum; one written after the job committed finds its day rolled up
+-- and goes to proxy_call_late. Either way once, never twice.
 
 drop trigger proxy_calls_fold_inserts on proxy_calls;
 drop trigger proxy_calls_fold_deletes on proxy_calls;
@@ -27,33 +31,39 @@ drop table proxy_call_daily;
 
 update usage_rollup_state set rolled_from = null, rolled_until = null;
 
--- model is '' for calls that name none.
+-- A model's key in the rollups: a hash, so that a model name of any length
+-- (B-tree entries are limited to about 2.7 kB) can be rolled up. model is
+-- '' for calls that name none.
+create function usage_model_key(model text) returns uuid
+language sql immutable parallel safe
+return md5(coalesce(model, ''))::uuid;
+
 create table proxy_call_daily (
   tenant_id uuid not null,
   api_key_id uuid not null,
   -- The UTC day.
   day date not null,
+  model_key uuid not null,
   model text not null,
   request_count bigint not null,
   spend_cents numeric not null,
-  primary key (tenant_id, api_key_id, day, model)
+  primary key (tenant_id, api_key_id, day, model_key)
 );
 -- A tenant's keys over a window (a report without key_ids).
-create index proxy_call_daily_by_tenant on proxy_call_daily (tenant_id, day)
-  include (api_key_id, model, request_count, spend_cents);
+create index proxy_call_daily_by_tenant on proxy_call_daily (tenant_id, day);
 
 create table proxy_call_hourly (
   tenant_id uuid not null,
   api_key_id uuid not null,
   -- The start of the UTC hour.
   hour timestamptz not null,
+  model_key uuid not null,
   model text not null,
   request_count bigint not null,
   spend_cents numeric not null,
-  primary key (tenant_id, api_key_id, hour, model)
+  primary key (tenant_id, api_key_id, hour, model_key)
 );
-create index proxy_call_hourly_by_tenant on proxy_call_hourly (tenant_id, hour)
-  include (api_key_id, model, request_count, spend_cents);
+create index proxy_call_hourly_by_tenant on proxy_call_hourly (tenant_id, hour);
 
 -- The per-key totals of aligned spans of 1, 2, 4, ... 32 days (all models):
 -- a span of n days starts on a day whose number (days since 2000-01-01) is
@@ -70,40 +80,54 @@ create table proxy_call_spans (
   primary key (tenant_id, span_days, first_day, api_key_id) include (request_count, spend_cents)
 );
 
+-- Calls written for rolled-up days since they were rolled up, per key, UTC
+-- hour and model, added (or, for a call deleted, subtracted) by the writers;
+-- the job moves them into the rollups. Only appended to by writers.
+create table proxy_call_late (
+  tenant_id uuid not null,
+  api_key_id uuid not null,
+  hour timestamptz not null,
+  model text not null,
+  request_count bigint not null,
+  spend_cents numeric not null
+);
+create index proxy_call_late_by_tenant on proxy_call_late (tenant_id, hour);
+
 -- The first day of the span of `span_days` days that holds `day`.
 create function usage_span_start(day date, span_days int) returns date
 language sql immutable parallel safe
 return day - (((day - date '2000-01-01') % span_days) + span_days) % span_days;
 
--- Rows folded in by writers update rollup rows in place; keep the visibility
--- map fresh for index-only scans.
+-- The rollups are updated in place by the job; keep their visibility maps
+-- fresh for index-only scans.
 alter table proxy_call_daily set (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02);
 alter table proxy_call_hourly set (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02);
 alter table proxy_call_spans set (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.02);
 
 -- A UTC day's advisory lock: the two-key form, an arbitrary first key and
--- the day as days since 2000-01-01 (every date PostgreSQL can hold fits).
+-- the day as days since 2000-01-01 (every finite date PostgreSQL can hold
+-- fits in an int4).
 create function usage_day_lock_key(day date) returns int4
 language sql immutable parallel safe
 return day - date '2000-01-01';
 
--- The lock that stands for every day: the one number no date gives.
+-- The lock that stands for every day: a number no date gives.
 create function usage_all_days_lock_key() returns int4
 language sql immutable parallel safe
 return -2147483648;
 
--- Adds `sign` times `calls` to the rollups, those on rolled-up days.
+-- Locks the days of `days` that the job may still roll up, and returns the
+-- state as it is once they are locked.
 --
--- Only a day the job may still roll up (from rolled_until on) needs its
--- lock: the job never sums a day twice, so calls of rolled-up days are
--- simply folded in. A writer at READ COMMITTED (the default) reads the
--- state, takes the shared lock of each such day its calls fall on, then
--- reads the state again: each statement here sees what committed before it,
--- so it sees the job's last day. Calls of many such days (more than 16), or
--- of days after tomorrow (which the job cannot sum while this transaction
--- runs unless it stays open for a day), take one shared lock that covers
--- every day instead, so that no statement holds more than a few locks (the
--- lock table is shared by the whole server).
+-- Only a day from rolled_until on needs its lock: the job never sums a day
+-- twice. A writer at READ COMMITTED (the default) reads the state, takes the
+-- shared lock of each such day, then reads the state again: each statement
+-- here sees what committed before it, so it sees the job's last day. More
+-- than 16 such days, or a day after tomorrow (which the job cannot sum while
+-- this transaction runs unless it stays open for a day), or one that is not
+-- finite, take one shared lock that stands for every day instead: no
+-- statement holds more than a few locks (the lock table is shared by the
+-- whole server).
 --
 -- A writer whose snapshot is older than its statement (REPEATABLE READ,
 -- SERIALIZABLE) could read a state the job has since moved. It locks the
@@ -111,9 +135,9 @@ return -2147483648;
 -- if the job moved the row after its snapshot was taken (it is retried by
 -- its client, never miscounted), and makes it wait while the job sums a day.
 --
--- The job only ever tries these locks (src/jobs/rollup.ts): it waits for no
--- writer, so a writer's transaction and the job cannot deadlock.
-create function usage_rollups_add(calls proxy_calls[], sign int) returns void
+-- The job only tries these locks (src/jobs/rollup.ts), and writers lock no
+-- row the job writes: a writer and the job never deadlock.
+create function usage_lock_days(days date[]) returns usage_rollup_state
 language plpgsql as $$
 declare
   state usage_rollup_state;
@@ -121,101 +145,86 @@ declare
 begin
   if current_setting('transaction_isolation') <> 'read committed' then
     select * into state from usage_rollup_state where singleton for share;
+    return state;
+  end if;
+  select * into state from usage_rollup_state where singleton;
+  select array_agg(day order by day) into open_days
+  from unnest(days) as day
+  where state.rolled_until is null or day >= state.rolled_until;
+  if open_days is null then
+    return state;
+  end if;
+  if cardinality(open_days) > 16
+     or not isfinite(open_days[1])
+     or open_days[cardinality(open_days)] > (clock_timestamp() at time zone 'UTC')::date + 1 then
+    perform pg_advisory_xact_lock_shared(7301944, usage_all_days_lock_key());
   else
-    select * into state from usage_rollup_state where singleton;
-    select array_agg(day order by day) into open_days
-    from (
-      select distinct (c.created_at at time zone 'UTC')::date as day
-      from unnest(calls) as c
-    ) as days
-    where state.rolled_until is null or day >= state.rolled_until;
-    if open_days is not null then
-      if cardinality(open_days) > 16
-         or open_days[cardinality(open_days)] > (clock_timestamp() at time zone 'UTC')::date + 1 then
-        perform pg_advisory_xact_lock_shared(7301944, usage_all_days_lock_key());
-      else
-        perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(day)) from unnest(open_days) as day;
-      end if;
-      select * into state from usage_rollup_state where singleton;
-    end if;
+    perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(day)) from unnest(open_days) as day;
   end if;
-  if state.rolled_from is null then
-    return;
-  end if;
-  with rolled as (
-    select c.tenant_id, c.api_key_id, c.created_at, coalesce(c.model, '') as model, c.cost_cents
-    from unnest(calls) as c
-    where c.created_at >= state.rolled_from::timestamp at time zone 'UTC'
-      and c.created_at < state.rolled_until::timestamp at time zone 'UTC'
-  ),
-  daily as (
-    insert into proxy_call_daily as d (tenant_id, api_key_id, day, model, request_count, spend_cents)
-    select tenant_id, api_key_id, (created_at at time zone 'UTC')::date, model, sign * count(*), sign * sum(cost_cents)
-    from rolled
-    group by 1, 2, 3, 4
-    on conflict (tenant_id, api_key_id, day, model) do update
-      set request_count = d.request_count + excluded.request_count,
-          spend_cents = d.spend_cents + excluded.spend_cents
-  ),
-  spans as (
-    insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
-    select tenant_id, span.days, usage_span_start((created_at at time zone 'UTC')::date, span.days), api_key_id,
-           sign * count(*), sign * sum(cost_cents)
-    from rolled
-    cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
-    group by 1, 2, 3, 4
-    on conflict (tenant_id, span_days, first_day, api_key_id) do update
-      set request_count = s.request_count + excluded.request_count,
-          spend_cents = s.spend_cents + excluded.spend_cents
-  )
-  insert into proxy_call_hourly as h (tenant_id, api_key_id, hour, model, request_count, spend_cents)
-  select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), model, sign * count(*), sign * sum(cost_cents)
-  from rolled
-  group by 1, 2, 3, 4
-  on conflict (tenant_id, api_key_id, hour, model) do update
-    set request_count = h.request_count + excluded.request_count,
-        spend_cents = h.spend_cents + excluded.spend_cents;
+  select * into state from usage_rollup_state where singleton;
+  return state;
 end;
 $$;
 
--- After every statement that writes proxy_calls. An UPDATE counts as its old
--- rows deleted and its new rows inserted (two triggers, in name order), so
--- changing a call's cost, time, key or model keeps usage exact.
-create function proxy_calls_fold_inserted() returns trigger
+-- After every statement that writes proxy_calls: its calls of rolled-up days
+-- go to proxy_call_late, added for rows in and subtracted for rows out. An
+-- UPDATE is both (two triggers, in name order), so changing a call's cost,
+-- time, key or model keeps usage exact.
+create function proxy_calls_note_inserted() returns trigger
 language plpgsql as $$
+declare
+  state usage_rollup_state;
 begin
-  perform usage_rollups_add(array(select n::proxy_calls from new_rows as n), 1);
+  state := usage_lock_days(array(select distinct (created_at at time zone 'UTC')::date from new_rows));
+  if state.rolled_from is not null then
+    insert into proxy_call_late (tenant_id, api_key_id, hour, model, request_count, spend_cents)
+    select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), coalesce(model, ''), count(*), sum(cost_cents)
+    from new_rows
+    where created_at >= state.rolled_from::timestamp at time zone 'UTC'
+      and created_at < state.rolled_until::timestamp at time zone 'UTC'
+    group by 1, 2, 3, 4;
+  end if;
   return null;
 end;
 $$;
 
-create function proxy_calls_fold_deleted() returns trigger
+create function proxy_calls_note_deleted() returns trigger
 language plpgsql as $$
+declare
+  state usage_rollup_state;
 begin
-  perform usage_rollups_add(array(select o::proxy_calls from old_rows as o), -1);
+  state := usage_lock_days(array(select distinct (created_at at time zone 'UTC')::date from old_rows));
+  if state.rolled_from is not null then
+    insert into proxy_call_late (tenant_id, api_key_id, hour, model, request_count, spend_cents)
+    select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), coalesce(model, ''), -count(*), -sum(cost_cents)
+    from old_rows
+    where created_at >= state.rolled_from::timestamp at time zone 'UTC'
+      and created_at < state.rolled_until::timestamp at time zone 'UTC'
+    group by 1, 2, 3, 4;
+  end if;
   return null;
 end;
 $$;
 
-create trigger proxy_calls_fold_inserts
+create trigger proxy_calls_note_inserts
   after insert on proxy_calls
   referencing new table as new_rows
-  for each statement execute function proxy_calls_fold_inserted();
+  for each statement execute function proxy_calls_note_inserted();
 
-create trigger proxy_calls_fold_updates_1_old
+create trigger proxy_calls_note_updates_1_old
   after update on proxy_calls
   referencing old table as old_rows
-  for each statement execute function proxy_calls_fold_deleted();
+  for each statement execute function proxy_calls_note_deleted();
 
-create trigger proxy_calls_fold_updates_2_new
+create trigger proxy_calls_note_updates_2_new
   after update on proxy_calls
   referencing new table as new_rows
-  for each statement execute function proxy_calls_fold_inserted();
+  for each statement execute function proxy_calls_note_inserted();
 
-create trigger proxy_calls_fold_deletes
+create trigger proxy_calls_note_deletes
   after delete on proxy_calls
   referencing old table as old_rows
-  for each statement execute function proxy_calls_fold_deleted();
+  for each statement execute function proxy_calls_note_deleted();
 
 -- TRUNCATE deletes every call without row triggers: the rollups are emptied
 -- with it (every rolled-up day then rightly sums to nothing). TRUNCATE holds
@@ -226,6 +235,7 @@ begin
   delete from proxy_call_daily;
   delete from proxy_call_hourly;
   delete from proxy_call_spans;
+  delete from proxy_call_late;
   return null;
 end;
 $$;
