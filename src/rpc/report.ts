@@ -42,7 +42,7 @@ function widthOf(value: UsageBucketWidth): BucketWidth {
     case UsageBucketWidth.DAY:
       return "day";
     default:
-      throw invalidArgument("bucket_width", "must be USAGE_BUCKET_WIDTH_HOUR, _DAY or unset");
+      throw invalidArgument("bucket_width", "must be USAGE_BUCKET_WIDTH_HOUR or USAGE_BUCKET_WIDTH_DAY, or unset");
   }
 }
 
