@@ -1,3 +1,4 @@
+import type Postgres from "postgres";
 import type { Micros } from "../micros.js";
 import { arrayLiteral, type Sql, unprepared } from "./client.js";
 import { timestampAt } from "./time.js";
@@ -144,8 +145,8 @@ function spansOf(fromUs: Micros, untilUs: Micros): Piece[] {
 /**
  * Cuts [sinceUs, untilUs) into pieces, each read from the cheapest source
  * that holds it exactly: whole rolled-up days from the spans (the fewest
- * aligned ones; one-day spans for daily buckets) or, when the report is by
- * model, from proxy_call_daily; the other whole rolled-up hours from
+ * aligned ones; one-day spans for daily buckets) for a whole tenant, or
+ * from proxy_call_daily for some keys or by model; the other whole rolled-up hours from
  * proxy_call_hourly (every one of them when the report is hourly); the rest
  * (at most part of an hour at each edge, and the days not rolled up yet,
  * such as today) from proxy_calls; and over the rolled-up hours, the calls
@@ -155,7 +156,7 @@ function spansOf(fromUs: Micros, untilUs: Micros): Piece[] {
 export function reportPieces(
   sinceUs: Micros,
   untilUs: Micros,
-  shape: { readonly width: BucketWidth; readonly byModel: boolean },
+  shape: { readonly width: BucketWidth; readonly byModel: boolean; readonly keyIds?: readonly string[] },
   rolled: RolledDays | undefined,
 ): Piece[] {
   const pieces: Piece[] = [];
@@ -175,7 +176,9 @@ export function reportPieces(
   const daysUntil = floorTo(hoursUntil, dayUs);
   if (shape.width !== "hour" && daysFrom < daysUntil) {
     add("hourly", hoursFrom, daysFrom);
-    if (shape.byModel) add("daily", daysFrom, daysUntil);
+    // Spans are laid out by tenant and day (a tenant's keys together), the
+    // daily rollup by key: the spans serve a whole tenant, not some keys.
+    if (shape.byModel || shape.keyIds !== undefined) add("daily", daysFrom, daysUntil);
     else if (shape.width === "day") pieces.push({ source: "spans", spanDays: 1, fromUs: daysFrom, untilUs: daysUntil });
     else pieces.push(...spansOf(daysFrom, daysUntil));
     add("hourly", daysUntil, hoursUntil);
@@ -266,7 +269,8 @@ export async function fetchUsageReport(sql: Sql, tenantId: string, query: Report
     query.order === "time"
       ? sql`order by bucket, sort_key, sort_model`
       : sql`order by spend desc, bucket, sort_key, sort_model`;
-  return await unprepared(sql<ReportRow[]>`
+  const statement = (db: Sql | Postgres.TransactionSql<{ bigint: bigint }>) =>
+    unprepared(db<ReportRow[]>`
     with report as (
       select
         ${bucket} as bucket,
@@ -298,4 +302,13 @@ export async function fetchUsageReport(sql: Sql, tenantId: string, query: Report
     ${order}
     limit ${query.limit}
   `);
+  if (query.keyIds !== undefined) return await statement(sql);
+  // A whole tenant: without parallel workers, whose partial numeric sums
+  // cost more to merge than they saved (100 against 155 ms for a
+  // 20,000-key tenant's month), and with room to group its keys in memory.
+  return await sql.begin(async (tx) => {
+    await tx`set local max_parallel_workers_per_gather = 0`;
+    await tx`set local work_mem = '32MB'`;
+    return await statement(tx);
+  });
 }
