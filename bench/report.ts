@@ -79,12 +79,12 @@ export function targets(r: Results): Target[] {
   const checks = [
     {
       target: "FetchKeyById calls/s >= 1.0x peer",
-      value: (byId?.ours.callsPerSecond ?? 0) / (byId?.peer?.callsPerSecond ?? 1),
+      value: byId ? byId.ours.callsPerSecond / (byId.peer?.callsPerSecond ?? Number.NaN) : Number.NaN,
       ok: (v: number) => v >= 1.0,
     },
     {
       target: "FetchKeyById p99 <= 1.1x peer",
-      value: (byId?.ours.p99Ms ?? 0) / (byId?.peer?.p99Ms ?? 1),
+      value: byId ? byId.ours.p99Ms / (byId.peer?.p99Ms ?? Number.NaN) : Number.NaN,
       ok: (v: number) => v <= 1.1,
     },
     { target: "deep page <= 1.5x first page", value: deepPage / firstPage, ok: (v: number) => v <= 1.5 },
