@@ -9,17 +9,8 @@ import { fetchUsageReport, type ReportQuery, reportPreflight } from "../src/db/u
 import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import { connectGrpcCaller, failure, grpcJsCaller, type JsonCaller } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
-import { insertKey, newTenant } from "./support/fixtures.js";
+import { generator, insertKey, newTenant } from "./support/fixtures.js";
 import { useTestService } from "./support/service.js";
-
-// A small deterministic generator, so that a failing report can be replayed.
-function generator(seed: number) {
-  let state = seed >>> 0;
-  return () => {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    return state / 2 ** 32;
-  };
-}
 
 const hourUs = 3_600_000_000n;
 const dayUs = 24n * hourUs;

@@ -4,16 +4,7 @@ import { arrayLiteral } from "../src/db/client.js";
 import { fetchKeyUsage } from "../src/db/usage.js";
 import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
-import { insertKey, newTenant } from "./support/fixtures.js";
-
-// A small deterministic generator, so a failing window can be replayed.
-function generator(seed: number) {
-  let state = seed >>> 0;
-  return () => {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    return state / 2 ** 32;
-  };
-}
+import { generator, insertKey, newTenant } from "./support/fixtures.js";
 
 const dayUs = 86_400_000_000n;
 

@@ -67,3 +67,15 @@ export async function insertCalls(
 
 /** A new random tenant id. */
 export const newTenant = (): string => randomUUID();
+
+/**
+ * A small deterministic random generator (numbers in [0, 1)), so that a
+ * failing random case can be replayed from its seed.
+ */
+export function generator(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    return state / 2 ** 32;
+  };
+}
