@@ -47,7 +47,6 @@ function fakeStore(overrides: Partial<Store>): Store {
     countKeys: unexpected,
     fetchKeyById: unexpected,
     fetchKeyUsage: unexpected,
-    reportPreflight: unexpected,
     fetchUsageReport: unexpected,
     fetchKeyForUpdate: unexpected,
     updateKeyFrozen: unexpected,

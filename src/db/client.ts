@@ -95,9 +95,9 @@ export function arrayLiteral(values: readonly string[]): string {
  * `query`, sent as an unnamed statement: planned for its own parameter values
  * each time it runs, never as a prepared statement whose generic plan
  * PostgreSQL may switch to after a few runs. For statements whose best plan
- * depends on the values (a report's window: a day or a tenant's 90 days),
- * where a generic plan was measured 100 times slower. postgres.js keeps the
- * choice in the query's options, as its own simple() does.
+ * depends on the values (a report's window: a day or a tenant's 90 days;
+ * docs/DESIGN.md). postgres.js keeps the choice in the query's options, as
+ * its own simple() does.
  */
 export function unprepared<Q>(query: Q): Q {
   (query as unknown as { options: { prepare?: boolean } }).options.prepare = false;

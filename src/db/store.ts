@@ -11,6 +11,7 @@ export type { UsageRow } from "./usage.js";
 export type {
   BucketWidth,
   ReportOrder,
+  ReportOutcome,
   ReportPosition,
   ReportQuery,
   ReportRow,
@@ -26,7 +27,6 @@ const operations = {
   countKeys: keys.countKeys,
   fetchKeyById: keys.fetchKeyById,
   fetchKeyUsage: usage.fetchKeyUsage,
-  reportPreflight: usageReport.reportPreflight,
   fetchUsageReport: usageReport.fetchUsageReport,
   fetchKeyForUpdate: keys.fetchKeyForUpdate,
   updateKeyFrozen: keys.updateKeyFrozen,

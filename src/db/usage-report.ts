@@ -20,21 +20,26 @@ export interface ReportPosition {
   readonly spendExact: string;
 }
 
-/** What a report sums: every field but `keyIds` is required. */
+/** What a report sums. */
 export interface ReportQuery {
   /** The keys to report on; undefined, every key of the tenant (keys since deleted too). */
   readonly keyIds?: readonly string[];
   readonly sinceUs: Micros;
-  readonly untilUs: Micros;
+  /** Undefined: the database's clock. */
+  readonly untilUs?: Micros;
   readonly width: BucketWidth;
   readonly byKey: boolean;
   readonly byModel: boolean;
   readonly order: ReportOrder;
   readonly after?: ReportPosition;
   readonly limit: number;
-  /** The days the rollups hold, as reportPreflight read them. */
-  readonly rolled: RolledDays | undefined;
 }
+
+/** How a report ended: its rows over the window as applied, or why there are none. */
+export type ReportOutcome =
+  | { readonly kind: "unknown_key" }
+  | { readonly kind: "since_after_now" }
+  | { readonly kind: "done"; readonly untilUs: Micros; readonly rows: ReportRow[] };
 
 /** One row of a report: one bucket of one key and model (as grouped). */
 export interface ReportRow {
@@ -75,7 +80,7 @@ export interface ReportPreflight {
  * rows and its calls change together (migration 0005), so a report that
  * reads a day from proxy_calls that has since been rolled up reads it right.
  */
-export async function reportPreflight(
+async function reportPreflight(
   sql: Sql,
   tenantId: string,
   keyIds: readonly string[] | undefined,
@@ -195,7 +200,11 @@ export function reportPieces(
  * whatever the mix of sources (reportPieces): the pieces never overlap, and
  * the rollups hold exactly the calls of the days in `rolled`.
  */
-export async function fetchUsageReport(sql: Sql, tenantId: string, query: ReportQuery): Promise<ReportRow[]> {
+async function readReport(
+  sql: Sql,
+  tenantId: string,
+  query: ReportQuery & { readonly untilUs: Micros; readonly rolled: RolledDays | undefined },
+): Promise<ReportRow[]> {
   const keys = query.keyIds === undefined ? sql`` : sql`and api_key_id = any(${arrayLiteral(query.keyIds)}::uuid[])`;
   const since = timestampAt(sql, query.sinceUs);
   const bucket =
@@ -304,11 +313,24 @@ export async function fetchUsageReport(sql: Sql, tenantId: string, query: Report
   `);
   if (query.keyIds !== undefined) return await statement(sql);
   // A whole tenant: without parallel workers, whose partial numeric sums
-  // cost more to merge than they saved (100 against 155 ms for a
-  // 20,000-key tenant's month), and with room to group its keys in memory.
+  // cost more to merge than they saved (docs/DESIGN.md), and with room to
+  // group its keys in memory.
   return await sql.begin(async (tx) => {
     await tx`set local max_parallel_workers_per_gather = 0`;
     await tx`set local work_mem = '32MB'`;
     return await statement(tx);
   });
+}
+
+/**
+ * A page of a tenant's usage report (readReport), after checking that the
+ * tenant has every key asked for and that the window does not start after
+ * the database's clock when it ends there.
+ */
+export async function fetchUsageReport(sql: Sql, tenantId: string, query: ReportQuery): Promise<ReportOutcome> {
+  const { nowUs, knownKeys, rolled } = await reportPreflight(sql, tenantId, query.keyIds);
+  if (query.keyIds !== undefined && knownKeys < query.keyIds.length) return { kind: "unknown_key" };
+  const untilUs = query.untilUs ?? nowUs;
+  if (query.sinceUs > untilUs) return { kind: "since_after_now" };
+  return { kind: "done", untilUs, rows: await readReport(sql, tenantId, { ...query, untilUs, rolled }) };
 }

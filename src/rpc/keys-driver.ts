@@ -118,20 +118,18 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       const report = reportRequest(req);
       const pageSize = pageSizeOf(req.pageSize);
       const token = req.pageToken === "" ? undefined : pageTokens.decodeReport(tenantId, report.shape, req.pageToken);
-      const callStore = storeFor(context);
-      const { nowUs, knownKeys, rolled } = await callStore.reportPreflight(tenantId, report.keyIds);
-      if (report.keyIds !== undefined && knownKeys < report.keyIds.length) throw notFound("key");
-      const untilUs = report.untilUs ?? token?.untilUs ?? nowUs;
-      if (report.sinceUs > untilUs) {
-        throw invalidArgument("since", "must not be after until (unset: the database's clock)");
-      }
-      const rows = await callStore.fetchUsageReport(tenantId, {
+      const outcome = await storeFor(context).fetchUsageReport(tenantId, {
         ...report,
-        untilUs,
-        rolled,
+        // The window the first page fixed, when until is unset.
+        untilUs: report.untilUs ?? token?.untilUs,
         after: token?.position,
         limit: pageSize + 1,
       });
+      if (outcome.kind === "unknown_key") throw notFound("key");
+      if (outcome.kind === "since_after_now") {
+        throw invalidArgument("since", "must not be after until (unset: the database's clock)");
+      }
+      const { rows, untilUs } = outcome;
       const page = rows.slice(0, pageSize);
       const last = page.at(-1);
       return create(FetchUsageReportResponseSchema, {
