@@ -323,6 +323,34 @@ describe("FetchUsageReport's sums", () => {
     await db.sql`delete from proxy_calls where tenant_id = ${tenantId} and not isfinite(created_at)`;
   });
 
+  it("start no further back than two years, whatever odd instant a call has", async () => {
+    const fresh = await createTestDatabase();
+    try {
+      const key = await insertKey(fresh.sql, { tenantId });
+      await fresh.sql`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+        values (${tenantId}, ${key}, '0001-01-01 00:00:00+00', 1), (${tenantId}, ${key}, '3000-01-01 00:00:00+00', 1)
+      `;
+      await rollUpClosedDays(fresh.sql, { maxDays: 1 });
+      const [state]: [{ back: number }?] = await fresh.sql`
+        select ((now() at time zone 'UTC')::date - rolled_from)::int4 as back from usage_rollup_state
+      `;
+      expect(state?.back).to.equal(731);
+      const outcome = await fetchUsageReport(fresh.sql, tenantId, {
+        sinceUs: -62_135_596_800_000_000n,
+        untilUs: 253_402_300_799_000_000n,
+        width: "none",
+        byKey: false,
+        byModel: false,
+        order: "time",
+        limit: 10,
+      });
+      expect(outcome.kind === "done" && outcome.rows.map((r) => r.request_count)).to.deep.equal([2n]);
+    } finally {
+      await fresh.drop();
+    }
+  });
+
   it("hold no row for a TRUNCATE of proxy_calls, which empties the rollups with it", async () => {
     await db.sql`truncate proxy_calls`;
     const counts =
@@ -412,6 +440,41 @@ describe("proxy_calls' writers and the rollup job", () => {
     } finally {
       await held`rollback`;
       held.release();
+    }
+  });
+
+  it("a transaction holds a few locks, however many statements write calls of open days", async () => {
+    const locks = await db.sql.begin(async (tx) => {
+      for (let i = 0; i < 40; i++) {
+        await tx`
+          insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+          values (${tenantId}, ${keyId}, now() + ${i} * interval '1 day', 1)
+        `;
+      }
+      const [row]: [{ n: number }?] = await tx`
+        select count(*)::int4 as n from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()
+      `;
+      return row?.n ?? 0;
+    });
+    expect(locks).to.be.at.most(17);
+    await db.sql`delete from proxy_calls where tenant_id = ${tenantId} and created_at > now() + interval '1 hour'`;
+  });
+
+  it("the job does not queue behind a writer at REPEATABLE READ, it comes back", async () => {
+    const writer = await db.sql.reserve();
+    try {
+      await writer`begin isolation level repeatable read`;
+      await writer`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+        values (${tenantId}, ${keyId}, now(), 1)
+      `;
+      const started = performance.now();
+      const run = await rollUpClosedDays(db.sql);
+      expect(run.days).to.deep.equal([]);
+      expect(performance.now() - started).to.be.below(5000);
+      await writer`commit`;
+    } finally {
+      writer.release();
     }
   });
 

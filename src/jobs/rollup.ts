@@ -8,6 +8,8 @@ const dayLockKey = 7_301_944;
 /** How often, and how far apart, the job tries again a day whose writers are under way. */
 const maxContended = 50;
 const contendedRetryMs = 20;
+/** How far back the first run starts at most: two years of days. */
+const maxHistoryDays = 731;
 
 /** Closed UTC days not rolled up yet (0 when up to date); undefined before the first run. */
 export async function rollupLagDays(sql: Sql): Promise<number | undefined> {
@@ -44,7 +46,9 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
   const days: string[] = [];
   let contended = 0;
   while (days.length < maxDays) {
-    const step = await sql.begin(async (tx) => {
+    // READ COMMITTED whatever the database's default: the day's sum must see
+    // every call committed before the job took the day's lock.
+    const step = await sql.begin("isolation level read committed", async (tx) => {
       const [lock]: [{ locked: boolean }?] = await tx`
         select pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked
       `;
@@ -53,19 +57,33 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
         select rolled_from::text, rolled_until::text, (now() at time zone 'UTC')::date::text as today
         from usage_rollup_state
         where singleton
-        for update
+        for update skip locked
       `;
-      if (!state) throw new Error("usage_rollup_state has no row: run the migrations");
+      // Skipped: a writer at REPEATABLE READ holds the row while it runs
+      // (migration 0005). The job does not queue behind such writers; it
+      // comes back.
+      if (!state) {
+        const [exists]: [{ n: number }?] = await tx`select count(*)::int4 as n from usage_rollup_state`;
+        if (exists?.n === 0) throw new Error("usage_rollup_state has no row: run the migrations");
+        return "contended" as const;
+      }
       if (state.rolled_until === null) {
         // First run: start at the oldest call's day (a one-time full scan);
-        // older days than that have no calls to roll up. A call at
-        // '-infinity' (someone else's SQL) is on no day.
+        // older days than that have no calls to roll up. Not before
+        // maxHistoryDays ago (a call at year 1, say, from someone's zero
+        // timestamp: older calls are read as they are), and not after today.
         await tx`
           update usage_rollup_state
           set rolled_from = first.day,
               rolled_until = first.day
           from (
-            select coalesce((min(created_at) at time zone 'UTC')::date, ${state.today}::date) as day
+            select least(
+              greatest(
+                (min(created_at) at time zone 'UTC')::date,
+                ${state.today}::date - ${maxHistoryDays}::int4
+              ),
+              ${state.today}::date
+            ) as day
             from proxy_calls
             where isfinite(created_at)
           ) as first
@@ -156,11 +174,14 @@ function addToSpans(sql: Sql | Postgres.TransactionSql<{ bigint: bigint }>, rows
  * meanwhile without waiting; what they commit later waits for the next run.
  */
 export async function foldLateCalls(sql: Sql): Promise<boolean> {
-  return await sql.begin(async (tx) => {
+  return await sql.begin("isolation level read committed", async (tx) => {
     const [lock]: [{ locked: boolean }?] = await tx`
       select pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked
     `;
     if (!lock?.locked) return false;
+    // A TRUNCATE of proxy_calls empties the rollups: it waits until these
+    // rows are in them, or these wait until it has emptied them.
+    await tx`lock table proxy_calls in access share mode`;
     await tx`
       with moved as (
         delete from proxy_call_late

@@ -123,11 +123,11 @@ return -2147483648;
 -- twice. A writer at READ COMMITTED (the default) reads the state, takes the
 -- shared lock of each such day, then reads the state again: each statement
 -- here sees what committed before it, so it sees the job's last day. More
--- than 16 such days, or a day after tomorrow (which the job cannot sum while
--- this transaction runs unless it stays open for a day), or one that is not
--- finite, take one shared lock that stands for every day instead: no
--- statement holds more than a few locks (the lock table is shared by the
--- whole server).
+-- than 16 such days in one transaction, or a day after tomorrow (which the
+-- job cannot sum while this transaction runs unless it stays open for a
+-- day), or one that is not finite, take one shared lock that stands for
+-- every day instead: no transaction holds more than a few locks (the lock
+-- table is shared by the whole server).
 --
 -- A writer whose snapshot is older than its statement (REPEATABLE READ,
 -- SERIALIZABLE) could read a state the job has since moved. It locks the
@@ -142,6 +142,7 @@ language plpgsql as $$
 declare
   state usage_rollup_state;
   open_days date[];
+  held_days int;
 begin
   if current_setting('transaction_isolation') <> 'read committed' then
     select * into state from usage_rollup_state where singleton for share;
@@ -154,12 +155,20 @@ begin
   if open_days is null then
     return state;
   end if;
-  if cardinality(open_days) > 16
+  -- The locks this transaction took before (they last until it ends): the
+  -- all-days lock covers every day, and the count of day locks is capped
+  -- per transaction, not per statement.
+  held_days := coalesce(nullif(current_setting('keys.usage_day_locks', true), ''), '0')::int;
+  if current_setting('keys.usage_all_days_lock', true) = 'held' then
+    null;
+  elsif held_days + cardinality(open_days) > 16
      or not isfinite(open_days[1])
      or open_days[cardinality(open_days)] > (clock_timestamp() at time zone 'UTC')::date + 1 then
     perform pg_advisory_xact_lock_shared(7301944, usage_all_days_lock_key());
+    perform set_config('keys.usage_all_days_lock', 'held', true);
   else
     perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(day)) from unnest(open_days) as day;
+    perform set_config('keys.usage_day_locks', (held_days + cardinality(open_days))::text, true);
   end if;
   select * into state from usage_rollup_state where singleton;
   return state;
@@ -228,7 +237,8 @@ create trigger proxy_calls_note_deletes
 
 -- TRUNCATE deletes every call without row triggers: the rollups are emptied
 -- with it (every rolled-up day then rightly sums to nothing). TRUNCATE holds
--- proxy_calls exclusively, so no writer or job runs meanwhile.
+-- proxy_calls exclusively, so no writer or job runs meanwhile (the job locks
+-- proxy_calls whenever it writes the rollups, src/jobs/rollup.ts).
 create function proxy_calls_truncate_rollups() returns trigger
 language plpgsql as $$
 begin
