@@ -116,24 +116,25 @@ create function usage_all_days_lock_key() returns int4
 language sql immutable parallel safe
 return -2147483648;
 
--- Locks the days of `days` that the job may still roll up, and returns the
--- state as it is once they are locked.
+-- Locks `days` (distinct, in order) against the job summing one of them
+-- now, and returns the state as it is once they are locked.
 --
--- Only a day from rolled_until on needs its lock: the job never sums a day
--- twice. A writer at READ COMMITTED (the default) reads the state, takes the
--- shared lock of each such day, then reads the state again: each statement
--- here sees what committed before it, so it sees the job's last day. More
--- than 16 such days in one transaction, or a day after tomorrow (which the
--- job cannot sum while this transaction runs unless it stays open for a
--- day), or one that is not finite, take one shared lock that stands for
--- every day instead: no transaction holds more than a few locks (the lock
--- table is shared by the whole server).
+-- A writer at READ COMMITTED (the default) takes the shared lock of each day,
+-- then reads the state: each statement here sees what committed before it,
+-- so it sees the job's last day. (Only a day from rolled_until on needs its
+-- lock, since the job never sums a day twice; locking every day spares the
+-- common writer a first read of the state.) More than 16 days in one
+-- transaction, a day after tomorrow (which the job cannot sum while this
+-- transaction runs unless it stays open for a day), or one that is not
+-- finite, take one shared lock that stands for every day instead: no
+-- transaction holds more than a few locks (the lock table is shared by the
+-- whole server).
 --
 -- A writer whose snapshot is older than its statement (REPEATABLE READ,
 -- SERIALIZABLE) could read a state the job has since moved. It locks the
 -- state row instead, which the job updates: PostgreSQL fails such a writer
 -- if the job moved the row after its snapshot was taken (it is retried by
--- its client, never miscounted), and makes it wait while the job sums a day.
+-- its client, never miscounted).
 --
 -- The job only tries these locks (src/jobs/rollup.ts), and writers lock no
 -- row the job writes: a writer and the job never deadlock.
@@ -141,34 +142,28 @@ create function usage_lock_days(days date[]) returns usage_rollup_state
 language plpgsql as $$
 declare
   state usage_rollup_state;
-  open_days date[];
   held_days int;
 begin
+  if coalesce(cardinality(days), 0) = 0 then
+    return null;
+  end if;
   if current_setting('transaction_isolation') <> 'read committed' then
     select * into state from usage_rollup_state where singleton for share;
     return state;
   end if;
-  select * into state from usage_rollup_state where singleton;
-  select array_agg(day order by day) into open_days
-  from unnest(days) as day
-  where state.rolled_until is null or day >= state.rolled_until;
-  if open_days is null then
-    return state;
-  end if;
-  -- The locks this transaction took before (they last until it ends): the
-  -- all-days lock covers every day, and the count of day locks is capped
-  -- per transaction, not per statement.
-  held_days := coalesce(nullif(current_setting('keys.usage_day_locks', true), ''), '0')::int;
-  if current_setting('keys.usage_all_days_lock', true) = 'held' then
-    null;
-  elsif held_days + cardinality(open_days) > 16
-     or not isfinite(open_days[1])
-     or open_days[cardinality(open_days)] > (clock_timestamp() at time zone 'UTC')::date + 1 then
-    perform pg_advisory_xact_lock_shared(7301944, usage_all_days_lock_key());
-    perform set_config('keys.usage_all_days_lock', 'held', true);
-  else
-    perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(day)) from unnest(open_days) as day;
-    perform set_config('keys.usage_day_locks', (held_days + cardinality(open_days))::text, true);
+  -- The locks this transaction took before last until it ends: the
+  -- all-days lock covers every day, and day locks are counted.
+  if current_setting('keys.usage_all_days_lock', true) is distinct from 'held' then
+    held_days := coalesce(nullif(current_setting('keys.usage_day_locks', true), ''), '0')::int;
+    if held_days + cardinality(days) > 16
+       or not isfinite(days[1])
+       or days[cardinality(days)] > (clock_timestamp() at time zone 'UTC')::date + 1 then
+      perform pg_advisory_xact_lock_shared(7301944, usage_all_days_lock_key());
+      perform set_config('keys.usage_all_days_lock', 'held', true);
+    else
+      perform pg_advisory_xact_lock_shared(7301944, usage_day_lock_key(day)) from unnest(days) as day;
+      perform set_config('keys.usage_day_locks', (held_days + cardinality(days))::text, true);
+    end if;
   end if;
   select * into state from usage_rollup_state where singleton;
   return state;
@@ -182,10 +177,11 @@ $$;
 create function proxy_calls_note_inserted() returns trigger
 language plpgsql as $$
 declare
-  state usage_rollup_state;
+  days date[] := array(select distinct (created_at at time zone 'UTC')::date from new_rows order by 1);
+  state usage_rollup_state := usage_lock_days(days);
 begin
-  state := usage_lock_days(array(select distinct (created_at at time zone 'UTC')::date from new_rows));
-  if state.rolled_from is not null then
+  -- Only when a call falls on a rolled-up day (not today's, the usual case).
+  if days[1] < state.rolled_until and days[cardinality(days)] >= state.rolled_from then
     insert into proxy_call_late (tenant_id, api_key_id, hour, model, request_count, spend_cents)
     select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), coalesce(model, ''), count(*), sum(cost_cents)
     from new_rows
@@ -200,10 +196,11 @@ $$;
 create function proxy_calls_note_deleted() returns trigger
 language plpgsql as $$
 declare
-  state usage_rollup_state;
+  days date[] := array(select distinct (created_at at time zone 'UTC')::date from old_rows order by 1);
+  state usage_rollup_state := usage_lock_days(days);
 begin
-  state := usage_lock_days(array(select distinct (created_at at time zone 'UTC')::date from old_rows));
-  if state.rolled_from is not null then
+  -- Only when a call falls on a rolled-up day (not today's, the usual case).
+  if days[1] < state.rolled_until and days[cardinality(days)] >= state.rolled_from then
     insert into proxy_call_late (tenant_id, api_key_id, hour, model, request_count, spend_cents)
     select tenant_id, api_key_id, date_trunc('hour', created_at, 'UTC'), coalesce(model, ''), -count(*), -sum(cost_cents)
     from old_rows
