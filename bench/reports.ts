@@ -44,32 +44,28 @@ export async function measureReports(
     const until = end - (i % 5) * dayMs;
     return { since: new Date(until - days * dayMs), until: new Date(until) };
   };
+  // The hot key's calls in hourly or daily buckets, as a plain GROUP BY.
+  const hotKeyBuckets = (unit: "hour" | "day", since: Date, until: Date) => sql`
+    select date_trunc(${unit}, created_at, 'UTC') as bucket, count(*), sum(cost_cents)
+    from proxy_calls
+    where tenant_id = ${hot.tenant_id} and api_key_id = ${hot.key_id}
+      and created_at >= ${since.toISOString()}::timestamptz and created_at < ${until.toISOString()}::timestamptz
+    group by 1 order by 1
+  `;
   const cases = [
     {
       name: `${scale.days} days in daily buckets, one hot key`,
       targetMs: 5,
       days: scale.days,
       request: { tenantId: hot.tenant_id, keyIds: [hot.key_id], bucketWidth: UsageBucketWidth.DAY, pageSize: 1000 },
-      groupBy: (since: Date, until: Date) => sql`
-        select date_trunc('day', created_at, 'UTC') as bucket, count(*), sum(cost_cents)
-        from proxy_calls
-        where tenant_id = ${hot.tenant_id} and api_key_id = ${hot.key_id}
-          and created_at >= ${since.toISOString()}::timestamptz and created_at < ${until.toISOString()}::timestamptz
-        group by 1 order by 1
-      `,
+      groupBy: (since: Date, until: Date) => hotKeyBuckets("day", since, until),
     },
     {
       name: "7 days in hourly buckets, one hot key",
       targetMs: 20,
       days: 7,
       request: { tenantId: hot.tenant_id, keyIds: [hot.key_id], bucketWidth: UsageBucketWidth.HOUR, pageSize: 1000 },
-      groupBy: (since: Date, until: Date) => sql`
-        select date_trunc('hour', created_at, 'UTC') as bucket, count(*), sum(cost_cents)
-        from proxy_calls
-        where tenant_id = ${hot.tenant_id} and api_key_id = ${hot.key_id}
-          and created_at >= ${since.toISOString()}::timestamptz and created_at < ${until.toISOString()}::timestamptz
-        group by 1 order by 1
-      `,
+      groupBy: (since: Date, until: Date) => hotKeyBuckets("hour", since, until),
     },
     {
       name: `30 days per key, the ${scale.bigTenantKeys}-key tenant, first 100 keys by spend`,

@@ -6,6 +6,9 @@ import postgres from "./postgres.js";
 /** The postgres.js client type this service runs its SQL on. */
 export type Sql = Postgres.Sql<{ bigint: bigint }>;
 
+/** A pool or the transaction `sql.begin` hands its callback: what a statement or fragment can be built with. */
+export type SqlOrTransaction = Sql | Postgres.TransactionSql<{ bigint: bigint }>;
+
 /** How to reach and use the database. */
 export interface SqlOptions {
   /** A postgres:// connection URL. */

@@ -1,7 +1,7 @@
 import { Code } from "@connectrpc/connect";
 import { rpcError } from "../errors.js";
 import type { Micros } from "../micros.js";
-import { arrayLiteral, type Sql } from "./client.js";
+import { arrayLiteral, type Sql, type SqlOrTransaction } from "./client.js";
 import { type KeyRow, keyColumns } from "./keys.js";
 
 /** What happened to a key. */
@@ -119,7 +119,7 @@ export function isLockTimeout(err: unknown): boolean {
  * every position taken so far is committed or abandoned, for at most
  * positionLockTimeout (then fails, see isLockTimeout).
  */
-async function lockPositions(tx: Sql): Promise<void> {
+async function lockPositions(tx: SqlOrTransaction): Promise<void> {
   await tx`select set_config('lock_timeout', ${positionLockTimeout}, true)`;
   await tx`select pg_advisory_xact_lock(${positionLockKey.toString()}::int8)`;
 }
@@ -127,7 +127,7 @@ async function lockPositions(tx: Sql): Promise<void> {
 /** The feed's newest position, at a moment when no position is being taken. */
 export async function settledHead(sql: Sql): Promise<bigint> {
   return await sql.begin(async (tx) => {
-    await lockPositions(tx as unknown as Sql);
+    await lockPositions(tx);
     const [row]: [{ head: bigint }?] = await tx`
       select coalesce(max(position), 0) as head
       /* spans tenants: the head */ from key_events

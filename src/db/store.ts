@@ -15,7 +15,6 @@ export type {
   ReportPosition,
   ReportQuery,
   ReportRow,
-  RolledDays,
 } from "./usage-report.js";
 
 /**

@@ -1,6 +1,5 @@
-import type Postgres from "postgres";
 import type { Micros } from "../micros.js";
-import { arrayLiteral, type Sql, unprepared } from "./client.js";
+import { arrayLiteral, type Sql, type SqlOrTransaction, unprepared } from "./client.js";
 import { timestampAt } from "./time.js";
 
 /** How a report cuts its window: not at all, by UTC hour, or by UTC day. */
@@ -58,13 +57,13 @@ export interface ReportRow {
 const nilUuid = "00000000-0000-0000-0000-000000000000";
 
 /** The closed UTC days the rollups hold: [fromUs, untilUs), midnights in micros. */
-export interface RolledDays {
+interface RolledDays {
   readonly fromUs: Micros;
   readonly untilUs: Micros;
 }
 
 /** What a report needs to know before it runs. */
-export interface ReportPreflight {
+interface ReportPreflight {
   /** The database's clock. */
   readonly nowUs: Micros;
   /** How many of the keys asked for the tenant has. */
@@ -158,7 +157,7 @@ function spansOf(fromUs: Micros, untilUs: Micros): Piece[] {
  * written for them since they were rolled up (proxy_call_late). Empty
  * pieces are left out.
  */
-export function reportPieces(
+function reportPieces(
   sinceUs: Micros,
   untilUs: Micros,
   shape: { readonly width: BucketWidth; readonly byModel: boolean; readonly keyIds?: readonly string[] },
@@ -278,7 +277,7 @@ async function readReport(
     query.order === "time"
       ? sql`order by bucket, sort_key, sort_model`
       : sql`order by spend desc, bucket, sort_key, sort_model`;
-  const statement = (db: Sql | Postgres.TransactionSql<{ bigint: bigint }>) =>
+  const statement = (db: SqlOrTransaction) =>
     unprepared(db<ReportRow[]>`
     with report as (
       select

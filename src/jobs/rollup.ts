@@ -1,5 +1,4 @@
-import type Postgres from "postgres";
-import type { Sql } from "../db/client.js";
+import type { Sql, SqlOrTransaction } from "../db/client.js";
 
 /** Lets one rollup job run at a time across every replica; an arbitrary constant. */
 const rollupLockKey = 7_301_944_513n;
@@ -154,7 +153,7 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
  * The end of a statement that adds `rows` (a CTE of tenant_id, api_key_id,
  * day, request_count, spend_cents) to every span that holds their day.
  */
-function addToSpans(sql: Sql | Postgres.TransactionSql<{ bigint: bigint }>, rows: string) {
+function addToSpans(sql: SqlOrTransaction, rows: string) {
   return sql`
     insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
     select tenant_id, span.days, usage_span_start(day, span.days), api_key_id, sum(request_count), sum(spend_cents)

@@ -7,31 +7,24 @@ import {
   type UsageReportRow,
   UsageReportRowSchema,
 } from "../../gen/keysdriver/v1/keys_driver_pb.js";
-import type { BucketWidth, Micros, ReportOrder, ReportPosition, ReportRow } from "../db/store.js";
+import type { BucketWidth, ReportOrder, ReportPosition, ReportQuery, ReportRow } from "../db/store.js";
 import { invalidArgument } from "../errors.js";
 import { timestampFromMicros } from "./snapshots.js";
 import { optionalTimestamp, requireTimestamp, requireUuid } from "./validate.js";
 
 /** The most key_ids one report may name. */
-export const maxReportKeys = 1000;
+const maxReportKeys = 1000;
 
 const nilUuid = "00000000-0000-0000-0000-000000000000";
 const maxInt64 = 9_223_372_036_854_775_807n;
 const minInt64 = -9_223_372_036_854_775_808n;
 
-/** A FetchUsageReport request, checked: everything but the tenant, the page and its size. */
-export interface ReportRequest {
-  /** Lower-cased, each once, sorted; undefined for every key of the tenant. */
-  readonly keyIds?: readonly string[];
-  readonly sinceUs: Micros;
-  readonly untilUs?: Micros;
-  readonly width: BucketWidth;
-  readonly byKey: boolean;
-  readonly byModel: boolean;
-  readonly order: ReportOrder;
-  /** The fields above in one canonical string, which a page token is bound to. */
-  readonly shape: string;
-}
+/**
+ * A FetchUsageReport request, checked: the store's query but its page
+ * (key_ids lower-cased, each once, sorted), and those fields in one
+ * canonical string, which a page token is bound to.
+ */
+export type ReportRequest = Omit<ReportQuery, "after" | "limit"> & { readonly shape: string };
 
 function widthOf(value: UsageBucketWidth): BucketWidth {
   switch (value) {

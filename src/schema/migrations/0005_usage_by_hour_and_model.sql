@@ -173,7 +173,10 @@ $$;
 -- After every statement that writes proxy_calls: its calls of rolled-up days
 -- go to proxy_call_late, added for rows in and subtracted for rows out. An
 -- UPDATE is both (two triggers, in name order), so changing a call's cost,
--- time, key or model keeps usage exact.
+-- time, key or model keeps usage exact. Two functions that differ only in
+-- the transition table they read and the sign: a trigger function cannot be
+-- handed a transition table, and copying its rows into an array to share
+-- one body failed statements of more than 1 GB (docs/DESIGN.md).
 create function proxy_calls_note_inserted() returns trigger
 language plpgsql as $$
 declare
