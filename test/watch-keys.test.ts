@@ -279,7 +279,9 @@ describe("WatchKeys and ListKeyChanges", () => {
         };
         await expectRefused({ tenantId: newTenant(), resumeCursor: cursor }, "resume_cursor");
         await expectRefused({ allTenants: true, resumeCursor: cursor }, "resume_cursor");
-        await expectRefused({ tenantId, resumeCursor: `${cursor.slice(0, -2)}AA` }, "resume_cursor");
+        // Edited: its last two characters changed (to "AA", or "BB" when they were "AA").
+        const edited = `${cursor.slice(0, -2)}${cursor.endsWith("AA") ? "BB" : "AA"}`;
+        await expectRefused({ tenantId, resumeCursor: edited }, "resume_cursor");
         await expectRefused({ tenantId, resumeCursor: "garbage!" }, "resume_cursor");
         await expectRefused({}, "tenant_id");
         await expectRefused({ tenantId, allTenants: true }, "tenant_id");
