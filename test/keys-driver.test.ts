@@ -637,6 +637,20 @@ describe(`${svc} over the gRPC protocol`, () => {
           expect(await stored(tenantId, keyId)).to.include({ is_frozen: false, version: 1n });
         });
 
+        it("counts a reason's limit in characters, not UTF-16 units", async () => {
+          const tenantId = newTenant();
+          const keyId = await insertKey(service.db.sql, { tenantId });
+          // U+1F511 (key) is two UTF-16 units: 1,024 of them are 2,048 units.
+          await expectStatus(
+            client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "\u{1F511}".repeat(1025) }),
+            Code.InvalidArgument,
+            "reason",
+          );
+          expect(await stored(tenantId, keyId)).to.include({ is_frozen: false, version: 1n });
+          await client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "\u{1F511}".repeat(1024) });
+          expect(await stored(tenantId, keyId)).to.include({ freeze_reason: "\u{1F511}".repeat(1024) });
+        });
+
         it("200 concurrent freezes and unfreezes leave the key consistent, every change counted once", async () => {
           const tenantId = newTenant();
           const keyId = await insertKey(service.db.sql, { tenantId });

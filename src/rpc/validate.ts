@@ -17,10 +17,20 @@ export function requireNonNegative(field: string, value: number): number {
   return value;
 }
 
+/** How many characters (Unicode code points, not UTF-16 units) `value` holds. */
+function characterCount(value: string): number {
+  let count = 0;
+  for (const _ of value) count++;
+  return count;
+}
+
 /** An optional free-text field: null when empty, at most `maxLength` characters. */
 export function optionalText(field: string, value: string, maxLength: number): string | null {
   if (value === "") return null;
-  if (value.length > maxLength) throw invalidArgument(field, `must be at most ${maxLength} characters`);
+  // Only a string longer in UTF-16 units can be longer in characters.
+  if (value.length > maxLength && characterCount(value) > maxLength) {
+    throw invalidArgument(field, `must be at most ${maxLength} characters`);
+  }
   if (value.includes("\u0000")) throw invalidArgument(field, "must not contain NUL characters");
   return value;
 }
