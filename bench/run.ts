@@ -227,7 +227,7 @@ async function main(): Promise<number> {
         ? await measureWatch(settings, servers.ours, db.sql, db.url, fixtures, freezes)
         : undefined;
     const reports = only.some((o) => "Reports".includes(o))
-      ? await measureReports(servers.ours, db.sql, fixtures, scale)
+      ? await measureReports(settings, servers.ours, db.sql, fixtures, scale)
       : undefined;
     const byId = list.find((s) => s.name === "FetchKeyById");
     const soaked = args.soak && byId ? await soak(servers.ours, byId) : undefined;

@@ -44,7 +44,7 @@ const kd = "/keysdriver.v1.KeysDriverService";
 const ts = (ms: number) => timestampFromDate(new Date(ms));
 
 /** A gRPC length-prefixed request message, base64 (the load generator's form). */
-function frame<D extends DescMessage>(schema: D, init: MessageInitShape<D>): string {
+export function frame<D extends DescMessage>(schema: D, init: MessageInitShape<D>): string {
   const body = toBinary(schema, create(schema, init));
   const out = Buffer.alloc(5 + body.length);
   out.writeUInt32BE(body.length, 1);

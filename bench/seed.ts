@@ -69,7 +69,7 @@ export async function seed(sql: Sql, scale: Scale): Promise<void> {
   await sql.unsafe(`
     drop schema if exists bench cascade;
     create schema bench;
-    truncate api_keys, key_events, proxy_calls, proxy_call_daily, proxy_call_hourly, proxy_call_spans, proxy_call_late;
+    truncate api_keys, key_events, proxy_calls, proxy_call_daily, proxy_call_hourly, proxy_call_spans, proxy_call_running, proxy_call_late;
     update usage_rollup_state set rolled_from = null, rolled_until = null;
   `);
   // The owner of key k: the big tenants first, then round-robin over the rest.
@@ -152,6 +152,7 @@ export async function seed(sql: Sql, scale: Scale): Promise<void> {
   await sql`vacuum analyze proxy_call_daily`;
   await sql`vacuum analyze proxy_call_hourly`;
   await sql`vacuum analyze proxy_call_spans`;
+  await sql`vacuum analyze proxy_call_running`;
 
   // Keys to look up, for pgbench's scripts.
   await sql`

@@ -27,13 +27,14 @@ describe("migrations", () => {
     const db = await createTestDatabase({ migrated: false });
     try {
       const pending = await pendingMigrations(db.sql);
-      expect(pending.map((m) => m.version)).to.deep.equal([1, 2, 3, 4, 5]);
+      expect(pending.map((m) => m.version)).to.deep.equal([1, 2, 3, 4, 5, 6]);
       expect((await migrate(db.sql)).map((m) => m.file)).to.deep.equal([
         "0001_keys_and_calls.sql",
         "0002_usage_rollup.sql",
         "0003_epoch_micros.sql",
         "0004_key_events.sql",
         "0005_usage_by_hour_and_model.sql",
+        "0006_usage_running_totals.sql",
       ]);
       expect(await migrate(db.sql)).to.deep.equal([]);
       expect(await pendingMigrations(db.sql)).to.deep.equal([]);
@@ -46,7 +47,7 @@ describe("migrations", () => {
     const db = await createTestDatabase({ migrated: false });
     try {
       const runs = await Promise.all([migrate(db.sql), migrate(db.sql), migrate(db.sql)]);
-      expect(runs.flat().map((m) => m.version)).to.have.members([1, 2, 3, 4, 5]);
+      expect(runs.flat().map((m) => m.version)).to.have.members([1, 2, 3, 4, 5, 6]);
       const [row]: [{ n: bigint }?] = await db.sql`select count(*) as n from service_secrets`;
       expect(row?.n).to.equal(1n);
     } finally {

@@ -13,6 +13,7 @@ const tenantTables = [
   "proxy_call_daily",
   "proxy_call_hourly",
   "proxy_call_spans",
+  "proxy_call_running",
   "proxy_call_late",
   "key_events",
 ];

@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
@@ -69,7 +70,8 @@ async function groupByReport(sql: Sql, tenantId: string, s: Shape): Promise<Repo
 async function rollupMismatches(sql: Sql): Promise<number> {
   const [row]: [{ n: bigint }?] = await sql`
     with state as (
-      select rolled_from::timestamp at time zone 'UTC' as rf, rolled_until::timestamp at time zone 'UTC' as ru
+      select rolled_from::timestamp at time zone 'UTC' as rf, rolled_until::timestamp at time zone 'UTC' as ru,
+             rolled_until as last_day_after
       from usage_rollup_state
     ),
     calls as (select * from proxy_calls, state where created_at >= rf and created_at < ru),
@@ -82,11 +84,14 @@ async function rollupMismatches(sql: Sql): Promise<number> {
              count(*), sum(cost_cents)
       from calls group by 2, 3, 4, 5
       union all
-      select 's' || span.days, tenant_id, api_key_id,
-             usage_span_start((created_at at time zone 'UTC')::date, span.days)::timestamp at time zone 'UTC', '',
-             count(*), sum(cost_cents)
-      from calls cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
-      group by 1, 2, 3, 4
+      select 's', tenant_id, api_key_id, date_trunc('day', created_at, 'UTC'), '', count(*), sum(cost_cents)
+      from calls group by 2, 3, 4
+      union all
+      -- A running total for every rolled-up day of a call's block from the call's day on.
+      select 'r', tenant_id, api_key_id, (day + n)::timestamp at time zone 'UTC', '', count(*), sum(cost_cents)
+      from (select *, (created_at at time zone 'UTC')::date as day from calls) as c
+      cross join lateral generate_series(0, least(usage_span_start(day, 32) + 31, last_day_after - 1) - day) as n
+      group by 2, 3, 4
     ),
     kept as (
       select kind, tenant_id, api_key_id, at, model, sum(request_count) as request_count, sum(spend_cents) as spend_cents
@@ -97,18 +102,25 @@ async function rollupMismatches(sql: Sql): Promise<number> {
         select 'd', tenant_id, api_key_id, day::timestamp at time zone 'UTC', model, request_count, spend_cents
         from proxy_call_daily
         union all
-        select 's' || span_days, tenant_id, api_key_id, first_day::timestamp at time zone 'UTC', '', request_count, spend_cents
+        select 's', tenant_id, api_key_id, first_day::timestamp at time zone 'UTC', '', request_count, spend_cents
         from proxy_call_spans
+        union all
+        select 'r', tenant_id, api_key_id, day::timestamp at time zone 'UTC', '', request_count,
+               usage_running_spend(spend_micros, spend_cents)
+        from proxy_call_running
         union all
         -- Calls written since for rolled-up days, not folded in yet.
         select k.kind, tenant_id, api_key_id, k.at, model, request_count, spend_cents
         from proxy_call_late
         cross join lateral (values ('h', hour), ('d', date_trunc('day', hour, 'UTC'))) as k (kind, at)
         union all
-        select 's' || span.days, tenant_id, api_key_id,
-               usage_span_start((hour at time zone 'UTC')::date, span.days)::timestamp at time zone 'UTC', '',
-               request_count, spend_cents
-        from proxy_call_late cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
+        select 's', tenant_id, api_key_id, date_trunc('day', hour, 'UTC'), '', request_count, spend_cents
+        from proxy_call_late
+        union all
+        select 'r', tenant_id, api_key_id, (day + n)::timestamp at time zone 'UTC', '', request_count, spend_cents
+        from (select *, (hour at time zone 'UTC')::date as day from proxy_call_late) as l
+        cross join usage_rollup_state as state
+        cross join lateral generate_series(0, least(usage_span_start(day, 32) + 31, state.rolled_until - 1) - day) as n
       ) as all_rows
       group by 1, 2, 3, 4, 5
       having sum(request_count) <> 0
@@ -323,6 +335,32 @@ describe("FetchUsageReport's sums", () => {
     await db.sql`delete from proxy_calls where tenant_id = ${tenantId} and not isfinite(created_at)`;
   });
 
+  it("stay exact when the rollups they were planned on are emptied for a rebuild, and after it", async () => {
+    await rollUpClosedDays(db.sql);
+    // Reports to now and to a fixed end, each planned on the days rolled up now.
+    const shape = { keyIds: [keys[0] as string], sinceUs: nowUs - 15n * dayUs, width: "day", byKey: false } as const;
+    const toNow = { ...shape, byModel: true, order: "time", limit: 1000 } as const;
+    const before = await report(db.sql, tenantId, { ...toNow, untilUs: nowUs });
+    expect(before).to.have.length.above(10);
+    expect(await report(db.sql, tenantId, toNow)).to.have.length.at.least(before.length);
+    await db.sql.begin(async (tx) => {
+      await tx`delete from proxy_call_daily`;
+      await tx`delete from proxy_call_hourly`;
+      await tx`delete from proxy_call_spans`;
+      await tx`delete from proxy_call_running`;
+      await tx`delete from proxy_call_late`;
+      await tx`update usage_rollup_state set rolled_from = null, rolled_until = null`;
+    });
+    expect(await report(db.sql, tenantId, { ...toNow, untilUs: nowUs })).to.deep.equal(before);
+    expect(await report(db.sql, tenantId, toNow)).to.have.length.at.least(before.length);
+    await rollUpClosedDays(db.sql, { maxDays: 5 });
+    expect(await report(db.sql, tenantId, { ...toNow, untilUs: nowUs })).to.deep.equal(before);
+    await rollUpClosedDays(db.sql);
+    expect(await report(db.sql, tenantId, { ...toNow, untilUs: nowUs })).to.deep.equal(before);
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+    await expectReportsExact(29, 20);
+  });
+
   it("start no further back than two years, whatever odd instant a call has", async () => {
     const fresh = await createTestDatabase();
     try {
@@ -349,6 +387,78 @@ describe("FetchUsageReport's sums", () => {
     } finally {
       await fresh.drop();
     }
+  });
+
+  it("rank keys by spend exactly when their running totals pass int8 in millionths of a cent", async () => {
+    const fresh = await createTestDatabase();
+    try {
+      const [rich, modest] = [await insertKey(fresh.sql, { tenantId }), await insertKey(fresh.sql, { tenantId })];
+      // 6e12 cents is 6e18 millionths, within int8; two of them in different
+      // 32-day blocks sum past it; 1e13 cents is past it on its own.
+      await fresh.sql`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+        select ${tenantId}::uuid, ${rich}::uuid, date_trunc('day', now(), 'UTC') - days * interval '1 day', cost
+        from (values (40, 6000000000000.000001), (20, 10000000000000), (5, 6000000000000)) as c (days, cost)
+        union all
+        select ${tenantId}::uuid, ${modest}::uuid, date_trunc('day', now(), 'UTC') - n * interval '1 day', 0.000001
+        from generate_series(1, 45) as n
+      `;
+      await rollUpClosedDays(fresh.sql);
+      const [held]: [{ wide: number }?] = await fresh.sql`
+        select count(*)::int4 as wide from proxy_call_running where spend_cents is not null
+      `;
+      expect(held?.wide).to.be.above(0);
+      const today = nowUs - (nowUs % dayUs);
+      for (const sinceUs of [today - 45n * dayUs, today - 41n * dayUs, today - 21n * dayUs]) {
+        const shape = { sinceUs, untilUs: today, width: "none", byKey: true, byModel: false, order: "spend" } as const;
+        const got = await report(fresh.sql, tenantId, { ...shape, limit: 10 });
+        expect(got).to.deep.equal(await groupByReport(fresh.sql, tenantId, shape));
+      }
+      const [top] = await report(fresh.sql, tenantId, {
+        sinceUs: today - 45n * dayUs,
+        untilUs: today,
+        width: "none",
+        byKey: true,
+        byModel: false,
+        order: "spend",
+        limit: 1,
+      });
+      expect(top).to.include({ key_id: rich, spend_cents_exact: "22000000000000.000001" });
+      expect(await rollupMismatches(fresh.sql)).to.equal(0);
+    } finally {
+      await fresh.drop();
+    }
+  });
+
+  it("build the running totals of days already rolled up from their one-day spans (migration 0006)", async () => {
+    const migration = await readFile(
+      new URL("../src/schema/migrations/0006_usage_running_totals.sql", import.meta.url),
+      "utf8",
+    );
+    const start = migration.indexOf("insert into proxy_call_running");
+    const fill = migration.slice(start, migration.indexOf(") as totals;", start) + ") as totals".length);
+    // Late calls of rolled-up days: some folded into the spans, some still waiting.
+    const key = keys[2] as string;
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+      select ${tenantId}, ${key}, date_trunc('day', now(), 'UTC') - n * interval '1 day' + interval '3 hours', 2.25, 'late'
+      from generate_series(1, 12) as n
+    `;
+    await rollUpClosedDays(db.sql);
+    await db.sql`
+      insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+      select ${tenantId}, ${key}, date_trunc('day', now(), 'UTC') - n * interval '1 day' + interval '5 hours', 0.5
+      from generate_series(2, 9) as n
+    `;
+    const before = await db.sql`select * from proxy_call_running order by day, tenant_id, api_key_id`;
+    expect(before).to.have.length.above(100);
+    await db.sql.begin(async (tx) => {
+      await tx`delete from proxy_call_running`;
+      await tx.unsafe(fill);
+    });
+    expect(await db.sql`select * from proxy_call_running order by day, tenant_id, api_key_id`).to.deep.equal(before);
+    expect(await rollupMismatches(db.sql)).to.equal(0);
+    await expectReportsExact(30, 20);
   });
 
   it("hold no row for a TRUNCATE of proxy_calls, which empties the rollups with it", async () => {

@@ -30,7 +30,7 @@ export interface RollupRun {
 
 /**
  * Rolls up closed UTC days (every day before today) into the rollups
- * (migration 0005), one day per transaction: the day's sums and the move of
+ * (migrations 0005 and 0006), one day per transaction: the day's sums and the move of
  * rolled_until commit together, so a crash loses at most the day in
  * progress, and the next run resumes there. Then folds the calls written
  * since for rolled-up days (proxy_call_late) into them. Runs again are
@@ -123,6 +123,22 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
         by_day as (
           select tenant_id, api_key_id, ${day}::date as day, request_count, spend_cents
           from hourly
+        ),
+        -- The day's running totals: the day before's in the same block,
+        -- carried forward (a row for every key seen in the block), plus the day.
+        running as (
+          insert into proxy_call_running (day, tenant_id, api_key_id, request_count, spend_micros, spend_cents)
+          select ${day}::date, tenant_id, api_key_id, sum(request_count), usage_spend_micros(sum(spend)), usage_spend_overflow(sum(spend))
+          from (
+            select tenant_id, api_key_id, request_count, usage_running_spend(spend_micros, spend_cents) as spend
+            from proxy_call_running
+            where day = ${day}::date - 1
+              and usage_span_start(${day}::date, 32) < ${day}::date
+            union all
+            select tenant_id, api_key_id, request_count, spend_cents
+            from by_day
+          ) as carried
+          group by 2, 3
         )
         ${addToSpans(tx, "by_day")}
       `;
@@ -146,20 +162,24 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
     if (step !== "started") days.push(step);
   }
   await foldLateCalls(sql);
+  // The days just written are read by every report that ends after them:
+  // marked all-visible now, they are read by index-only scans without
+  // waiting for autovacuum (with 54,000 heap fetches from rows not yet
+  // marked, the 20,000-key tenant's month took 290 ms instead of 40).
+  if (days.length > 0) await sql`vacuum proxy_call_hourly, proxy_call_daily, proxy_call_spans, proxy_call_running`;
   return { ran: true, days };
 }
 
 /**
  * The end of a statement that adds `rows` (a CTE of tenant_id, api_key_id,
- * day, request_count, spend_cents) to every span that holds their day.
+ * day, request_count, spend_cents) to the one-day spans of their days.
  */
 function addToSpans(sql: SqlOrTransaction, rows: string) {
   return sql`
     insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
-    select tenant_id, span.days, usage_span_start(day, span.days), api_key_id, sum(request_count), sum(spend_cents)
+    select tenant_id, 1, day, api_key_id, sum(request_count), sum(spend_cents)
     from ${sql(rows)}
-    cross join (values (1), (2), (4), (8), (16), (32)) as span (days)
-    group by 1, 2, 3, 4
+    group by 1, 3, 4
     on conflict (tenant_id, span_days, first_day, api_key_id) do update
       set request_count = s.request_count + excluded.request_count,
           spend_cents = s.spend_cents + excluded.spend_cents
@@ -212,6 +232,26 @@ export async function foldLateCalls(sql: Sql): Promise<boolean> {
       by_day as (
         select tenant_id, api_key_id, (hour at time zone 'UTC')::date as day, request_count, spend_cents
         from grouped
+      ),
+      -- A late call counts in the running totals of its day and of every
+      -- later rolled-up day of its block.
+      running as (
+        insert into proxy_call_running as r (day, tenant_id, api_key_id, request_count, spend_micros, spend_cents)
+        select by_day.day + n, tenant_id, api_key_id, sum(request_count), usage_spend_micros(sum(spend_cents)),
+               usage_spend_overflow(sum(spend_cents))
+        from by_day
+        cross join usage_rollup_state as state
+        cross join lateral generate_series(0, least(usage_span_start(by_day.day, 32) + 31, state.rolled_until - 1) - by_day.day) as n
+        where state.singleton
+        group by 1, 2, 3
+        on conflict (day, tenant_id, api_key_id) do update
+          set request_count = r.request_count + excluded.request_count,
+              spend_micros = usage_spend_micros(
+                usage_running_spend(r.spend_micros, r.spend_cents) + usage_running_spend(excluded.spend_micros, excluded.spend_cents)
+              ),
+              spend_cents = usage_spend_overflow(
+                usage_running_spend(r.spend_micros, r.spend_cents) + usage_running_spend(excluded.spend_micros, excluded.spend_cents)
+              )
       )
       ${addToSpans(tx, "by_day")}
     `;
