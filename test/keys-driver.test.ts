@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
+import { formatEtag } from "../src/rpc/etag.js";
 import { connectGrpcCaller, failure, grpcJsCaller, type JsonCaller, type RpcError } from "./support/clients.js";
 import { insertCalls, insertKey, insertKeysAt, newTenant } from "./support/fixtures.js";
 import { useTestService } from "./support/service.js";
@@ -438,6 +439,22 @@ describe(`${svc} over the gRPC protocol`, () => {
           });
         });
 
+        it("gives the int64 maximum for a spend beyond it, and the exact sum beside it", async () => {
+          const tenantId = newTenant();
+          const keyId = await insertKey(service.db.sql, { tenantId });
+          await service.db.sql`
+            insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents)
+            select ${tenantId}, ${keyId}, timestamptz '2026-03-02 00:00:00+00' + n * interval '1 second', 99999999999999.999999
+            from generate_series(1, 100000) as n
+          `;
+          const res = await client.call("FetchKeyUsage", { tenantId, keyId, since: "2026-03-01T00:00:00Z" });
+          expect(res.usage).to.include({
+            requestCount: "100000",
+            spendCents: "9223372036854775807",
+            spendCentsExact: "9999999999999999999.9",
+          });
+        });
+
         it("answers NOT_FOUND for another tenant's key even though it has calls", async () => {
           const { keyId } = await keyWithCalls();
           await expectStatus(
@@ -465,6 +482,12 @@ describe(`${svc} over the gRPC protocol`, () => {
             "since",
           );
           await expectStatus(client.call("FetchKeyUsage", { tenantId, keyId }), Code.InvalidArgument, "since");
+          // No until: the window ends at the database's clock, before this since.
+          await expectStatus(
+            client.call("FetchKeyUsage", { tenantId, keyId, since: "9999-01-01T00:00:00Z" }),
+            Code.InvalidArgument,
+            "since",
+          );
           await expectStatus(
             client.call("FetchKeyUsage", { tenantId, keyId: "", since: "2026-05-02T00:00:00Z" }),
             Code.InvalidArgument,
@@ -585,6 +608,12 @@ describe(`${svc} over the gRPC protocol`, () => {
           );
           await expectStatus(
             client.call("UpdateKeyFrozen", { tenantId, keyId: b, etag: "1" }),
+            Code.InvalidArgument,
+            "etag",
+          );
+          // Well formed for the key, but naming a version past int8.
+          await expectStatus(
+            client.call("UpdateKeyFrozen", { tenantId, keyId: b, etag: formatEtag(b, 9_999_999_999_999_999_999n) }),
             Code.InvalidArgument,
             "etag",
           );

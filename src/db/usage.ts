@@ -73,7 +73,8 @@ export async function fetchKeyUsage(
       epoch_micros(plan.until) as until_us,
       head.request_count + tail.request_count + rolled.request_count + late.request_count as request_count,
       trim_scale(head.spend + tail.spend + rolled.spend + late.spend)::text as spend_cents_exact,
-      round(head.spend + tail.spend + rolled.spend + late.spend)::int8 as spend_cents
+      -- The int64 maximum past it (the exact text beside is the figure).
+      least(round(head.spend + tail.spend + rolled.spend + late.spend), 9223372036854775807)::int8 as spend_cents
     from api_keys
     cross join plan
     -- The two raw ranges are two subqueries on purpose: as one join over a

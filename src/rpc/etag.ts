@@ -15,6 +15,8 @@ function tag(keyId: string, version: bigint): string {
   return (hash >>> 0).toString(36).padStart(7, "0");
 }
 
+const maxVersion = 9_223_372_036_854_775_807n;
+
 /** The etag of `keyId` at `version`. */
 export function formatEtag(keyId: string, version: bigint): string {
   return `${version}.${tag(keyId, version)}`;
@@ -28,7 +30,8 @@ export function parseEtag(keyId: string, etag: string): bigint | undefined {
   if (etag === "") return undefined;
   const match = /^(\d{1,19})\.([0-9a-z]{7})$/.exec(etag);
   const version = match?.[1] === undefined ? undefined : BigInt(match[1]);
-  if (version === undefined || match?.[2] !== tag(keyId, version)) {
+  // A version is an int8 in the database: no etag of this service names a larger one.
+  if (version === undefined || version > maxVersion || match?.[2] !== tag(keyId, version)) {
     throw invalidArgument("etag", "is not an etag of this key (take it from FetchKeyForUpdate)", "INVALID_ETAG");
   }
   return version;

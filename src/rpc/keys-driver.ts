@@ -110,6 +110,9 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       if (untilUs !== undefined && sinceUs > untilUs) throw invalidArgument("since", "must not be after until");
       const row = await storeFor(context).fetchKeyUsage(tenantId, keyId, { sinceUs, untilUs });
       if (!row) throw notFound("key");
+      if (row.since_us > row.until_us) {
+        throw invalidArgument("since", "must not be after until (unset: the database's clock)");
+      }
       return create(FetchKeyUsageResponseSchema, { usage: usageSnapshot(keyId, row) });
     },
 

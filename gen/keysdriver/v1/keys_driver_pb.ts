@@ -196,7 +196,8 @@ export type KeyUsageSnapshot = Message<"keysdriver.v1.KeyUsageSnapshot"> & {
   requestCount: bigint;
 
   /**
-   * Total cost in whole cents: the exact sum rounded half-up.
+   * Total cost in whole cents: the exact sum rounded half-up (the int64
+   * maximum for a sum beyond it).
    *
    * @generated from field: int64 spend_cents = 5;
    */
