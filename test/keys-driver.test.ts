@@ -642,6 +642,12 @@ describe(`${svc} over the gRPC protocol`, () => {
         it("refuses bad ids, an oversized reason or actor, and an invalid frozen_at", async () => {
           const tenantId = newTenant();
           const keyId = await insertKey(service.db.sql, { tenantId });
+          const inAnHour = new Date(Date.now() + 3_600_000).toISOString();
+          await expectStatus(
+            client.call("UpdateKeyFrozen", { tenantId, keyId, frozenAt: inAnHour }),
+            Code.InvalidArgument,
+            "frozen_at",
+          );
           await expectStatus(client.call("UpdateKeyFrozen", { tenantId, keyId: "" }), Code.InvalidArgument, "key_id");
           await expectStatus(
             client.call("UpdateKeyUnfrozen", { tenantId: "", keyId }),

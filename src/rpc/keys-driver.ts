@@ -1,4 +1,5 @@
 import { create } from "@bufbuild/protobuf";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import {
   CountKeysResponseSchema,
@@ -16,6 +17,7 @@ import { callStatementsOf } from "../db/client.js";
 import type { CallScopedStore, FreezeOutcome, Store } from "../db/store.js";
 import { invalidArgument, notFound, rpcError } from "../errors.js";
 import type { KeyFeed } from "../feed/key-feed.js";
+import type { Micros } from "../micros.js";
 import type { PositionTokens } from "./cursors.js";
 import { parseEtag } from "./etag.js";
 import type { PageTokenCodec } from "./page-token.js";
@@ -30,6 +32,17 @@ export const defaultPageSize = 50;
 export const maxPageSize = 1000;
 const maxReasonLength = 1024;
 const maxActorLength = 256;
+/** How far after this process's clock a freeze's frozen_at may be: clocks differ a little. */
+const maxFrozenAtSkewUs = 5n * 60n * 1_000_000n;
+
+/** A freeze's frozen_at: when it took effect, so not in the future beyond clock skew. */
+function frozenAtOf(value: Timestamp | undefined): Micros | undefined {
+  const us = optionalTimestamp("frozen_at", value);
+  if (us !== undefined && us > BigInt(Date.now()) * 1000n + maxFrozenAtSkewUs) {
+    throw invalidArgument("frozen_at", "must not be in the future (it says when the freeze took effect)");
+  }
+  return us;
+}
 
 function freezeResult(outcome: FreezeOutcome) {
   switch (outcome.kind) {
@@ -161,7 +174,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
         tenantId,
         keyId,
         expectedVersion: parseEtag(keyId, req.etag),
-        frozenAtUs: optionalTimestamp("frozen_at", req.frozenAt),
+        frozenAtUs: frozenAtOf(req.frozenAt),
         reason: optionalText("reason", req.reason, maxReasonLength),
         actor: optionalText("actor", req.actor, maxActorLength),
       });
