@@ -48,7 +48,7 @@ export interface Config {
   /** LOG_LEVEL: fatal, error, warn, info (default), debug (an access line per call), trace or silent. */
   readonly logLevel: string;
   /**
-   * MAX_CONNECTIONS, MAX_CONCURRENT_STREAMS, CONNECTION_IDLE_TIMEOUT_MS,
+   * MAX_CONNECTIONS, MAX_CONCURRENT_STREAMS, MAX_CALLS_IN_FLIGHT, CONNECTION_IDLE_TIMEOUT_MS,
    * MAX_CONNECTION_AGE_MS, MAX_CONNECTION_AGE_GRACE_MS, KEEPALIVE_TIME_MS,
    * KEEPALIVE_TIMEOUT_MS (ConnectionLimits).
    */
@@ -134,6 +134,12 @@ export interface ConnectionLimits {
   readonly maxConnections: number;
   /** Calls at once on one HTTP/2 (gRPC) connection; a client queues the rest. */
   readonly maxConcurrentStreams: number;
+  /**
+   * Unary calls of the service at once in this process, every connection
+   * together; more are answered RESOURCE_EXHAUSTED at once (with RetryInfo)
+   * rather than queued for the database. Health checks are never refused.
+   */
+  readonly maxCallsInFlight: number;
   /** An HTTP/2 connection with no call for this long is closed (GOAWAY; clients reconnect when needed). */
   readonly idleTimeoutMs: number;
   /** An HTTP/2 connection this old is asked to go away (load balancers rebalance); 0 = never. */
@@ -148,6 +154,7 @@ export interface ConnectionLimits {
 export const defaultConnectionLimits: ConnectionLimits = {
   maxConnections: 4096,
   maxConcurrentStreams: 1000,
+  maxCallsInFlight: 256,
   idleTimeoutMs: 300_000,
   maxAgeMs: 0,
   maxAgeGraceMs: 60_000,
@@ -184,6 +191,7 @@ export function loadConfig(env: Env = process.env): Config {
         1,
         1_000_000,
       ),
+      maxCallsInFlight: integer(env, "MAX_CALLS_IN_FLIGHT", defaultConnectionLimits.maxCallsInFlight, 1, 1_000_000),
       idleTimeoutMs: integer(
         env,
         "CONNECTION_IDLE_TIMEOUT_MS",

@@ -3,7 +3,15 @@ import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Tracer } from "@opentelemetry/api";
 import { callStatements, StatementScope, type StatementTrace, type WithCallStatements } from "./db/client.js";
-import { codeName, type ErrorLogger, reasonOf, requestInfo, toConnectError, withErrorDetails } from "./errors.js";
+import {
+  codeName,
+  type ErrorLogger,
+  reasonOf,
+  requestInfo,
+  rpcError,
+  toConnectError,
+  withErrorDetails,
+} from "./errors.js";
 import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
 import { type CallSpan, endCallSpan, startCallSpan } from "./tracing.js";
@@ -28,7 +36,40 @@ export interface CallObservers {
   readonly logger?: Logger;
   /** Makes a span per call, and one per statement of a unary call (src/tracing.ts). */
   readonly tracer?: Tracer;
+  /** Caps unary calls in flight; none when unset. */
+  readonly admission?: CallAdmission;
 }
+
+/** How long an overloaded process asks callers to wait before they try again. */
+const overloadRetryMs = 100;
+
+/**
+ * A cap on unary calls in flight in this process: past it, calls are
+ * answered RESOURCE_EXHAUSTED at once, so that an overload is a fast,
+ * retryable answer instead of a queue that grows every caller's latency.
+ */
+export class CallAdmission {
+  private inFlight = 0;
+
+  constructor(readonly limit: number) {}
+
+  /** True, and counted, when the call may run; call release() when it ends. */
+  admit(): boolean {
+    if (this.inFlight >= this.limit) return false;
+    this.inFlight++;
+    return true;
+  }
+
+  release(): void {
+    this.inFlight--;
+  }
+}
+
+const overloaded = (limit: number) =>
+  rpcError(Code.ResourceExhausted, `the service has ${limit} calls in flight, its limit: try again shortly`, {
+    reason: "OVERLOADED",
+    retryAfterMs: overloadRetryMs,
+  });
 
 // How loud a failed call's line is: the caller's mistake, a service that
 // cannot serve now, or a fault.
@@ -249,15 +290,19 @@ class WorkUntilCallEnds<T> {
 }
 
 function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObservers): UnaryHandler {
+  const admission = observers.admission;
   return async (request, context) => {
     const call = new CallObservation(method, observers, context);
+    const admitted = admission?.admit() ?? true;
     try {
+      if (!admitted) throw overloaded(admission?.limit ?? 0);
       rejectMalformed(request, method.input.typeName);
       if (!context) return await handler(request, context);
       return await new WorkUntilCallEnds(context, call.trace).run(() => handler(request, context));
     } catch (err) {
       throw call.failed(err);
     } finally {
+      if (admitted) admission?.release();
       call.ended();
     }
   };

@@ -7,7 +7,7 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { type ConnectionLimits, defaultConnectionLimits, StartError } from "./config.js";
-import { type CallObservers, observeCalls } from "./interceptors.js";
+import { CallAdmission, type CallObservers, observeCalls } from "./interceptors.js";
 import { createHealthService, type HealthState } from "./rpc/health.js";
 import { addReflection } from "./rpc/reflection.js";
 import { grpcServiceFor } from "./transport/grpc.js";
@@ -184,8 +184,10 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // Each service is registered with both servers in one place, with the
   // same wrapped handlers, so the protocols cannot drift apart.
   const connectRoutes: ((router: ConnectRouter) => void)[] = [];
+  // The service's unary calls share one cap; health checks are never refused.
+  const admitted = { ...deps.observers, admission: new CallAdmission(limits.maxCallsInFlight) };
   for (const { service, impl } of [...deps.services, registration(Health, health)]) {
-    const handlers = observeCalls(service, impl, deps.observers);
+    const handlers = observeCalls(service, impl, service === Health ? deps.observers : admitted);
     const { definition, implementation } = grpcServiceFor(service, handlers);
     grpcServer.addService(definition, implementation);
     connectRoutes.push((router) => router.service(service, handlers));

@@ -2,10 +2,12 @@ import { execFile } from "node:child_process";
 import http2 from "node:http2";
 import path from "node:path";
 import { promisify } from "node:util";
-import { Code } from "@connectrpc/connect";
+import { Code, createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { expect } from "chai";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import {
   connectGrpcCaller,
   connectHttp2Caller,
@@ -217,4 +219,47 @@ describe("error details when the database is out of reach", () => {
       }
     });
   }
+});
+
+describe("calls past the process's cap on calls in flight", () => {
+  const service = useTestService({ connectionLimits: { maxCallsInFlight: 2 } });
+
+  it("are answered RESOURCE_EXHAUSTED at once with RetryInfo, health checks still served, and the rest recover", async () => {
+    const tenantId = newTenant();
+    const keyId = await insertKey(service.db.sql, { tenantId });
+    const client = grpcJsCaller(service.server.address);
+    try {
+      // Two freezes wait for a row lock held elsewhere: the cap is reached.
+      const held = await service.db.sql.reserve();
+      await held`begin`;
+      await held`select 1 from api_keys where id = ${keyId} for update`;
+      const waiting = [
+        client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "a" }),
+        client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "b" }),
+      ];
+      for (;;) {
+        const [row]: [{ n: number }?] = await service.db.sql`
+          select count(*)::int4 as n from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()
+        `;
+        if ((row?.n ?? 0) >= 2) break;
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      const started = performance.now();
+      const err = await failure(client.call("CountKeys", { tenantId }));
+      expect(performance.now() - started).to.be.below(1000);
+      expect(err.code, err.message).to.equal(Code.ResourceExhausted);
+      expect(errorInfo(err)?.reason).to.equal("OVERLOADED");
+      expect(retryDelayMs(err)).to.equal(100);
+      const health = createClient(Health, createGrpcTransport({ baseUrl: `http://${service.server.address}` }));
+      expect((await health.check({})).status).to.equal(HealthCheckResponse_ServingStatus.SERVING);
+      await held`rollback`;
+      held.release();
+      const answers = await Promise.all(waiting);
+      // One froze the key; the other found it frozen (changed is false, left out of JSON).
+      expect(answers.map((a) => a.changed === true).sort()).to.deep.equal([false, true]);
+      expect(await client.call("CountKeys", { tenantId })).to.deep.equal({ count: "1" });
+    } finally {
+      client.close();
+    }
+  });
 });
