@@ -3,7 +3,7 @@ import { readFile } from "node:fs/promises";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
 import { expect } from "chai";
-import { arrayLiteral, type Sql } from "../src/db/client.js";
+import { arrayLiteral, createSql, type Sql } from "../src/db/client.js";
 import { fetchKeyUsage } from "../src/db/usage.js";
 import type { BucketWidth, ReportOrder, ReportRow } from "../src/db/usage-report.js";
 import { fetchUsageReport, type ReportQuery } from "../src/db/usage-report.js";
@@ -459,6 +459,43 @@ describe("FetchUsageReport's sums", () => {
     expect(await db.sql`select * from proxy_call_running order by day, tenant_id, api_key_id`).to.deep.equal(before);
     expect(await rollupMismatches(db.sql)).to.equal(0);
     await expectReportsExact(30, 20);
+  });
+
+  it("are kept by a job that folds many late rows in batches and outlasts the rpcs' statement limit", async () => {
+    const fresh = await createTestDatabase();
+    // The rpcs' limit, far too short for the job's statements here.
+    const limited = createSql({
+      url: fresh.url,
+      poolMax: 2,
+      statementTimeoutMs: 5,
+      applicationName: "keys-driver-tests",
+    });
+    try {
+      const key = await insertKey(fresh.sql, { tenantId });
+      await fresh.sql`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+        select ${tenantId}, ${key}, date_trunc('day', now(), 'UTC') - interval '3 days' + (n % 86400) * interval '1 second',
+               0.25, 'm' || (n % 700)
+        from generate_series(1, 60000) as n
+      `;
+      expect((await rollUpClosedDays(limited)).days).to.have.length.above(0);
+      // A late row per hour and model of a rolled-up day: more than a batch.
+      await fresh.sql`
+        insert into proxy_calls (tenant_id, api_key_id, created_at, cost_cents, model)
+        select ${tenantId}, ${key}, date_trunc('day', now(), 'UTC') - interval '2 days' + (n % 24) * interval '1 hour',
+               1.5, 'late' || (n / 24)
+        from generate_series(0, 24 * 600 - 1) as n
+      `;
+      const [late]: [{ n: number }?] = await fresh.sql`select count(*)::int4 as n from proxy_call_late`;
+      expect(late?.n).to.equal(24 * 600);
+      await rollUpClosedDays(limited);
+      const [left]: [{ n: number }?] = await fresh.sql`select count(*)::int4 as n from proxy_call_late`;
+      expect(left?.n).to.equal(0);
+      expect(await rollupMismatches(fresh.sql)).to.equal(0);
+    } finally {
+      await limited.end();
+      await fresh.drop();
+    }
   });
 
   it("hold no row for a TRUNCATE of proxy_calls, which empties the rollups with it", async () => {

@@ -266,7 +266,6 @@ async function readReport(
                  spend_cents as spend, null::int8 as spend_micros
           from proxy_call_spans
           where tenant_id = ${tenantId} ${keys}
-            and span_days = 1
             and first_day >= (${from} at time zone 'UTC')::date
             and first_day < (${to} at time zone 'UTC')::date
         `;

@@ -9,6 +9,15 @@ const maxContended = 50;
 const contendedRetryMs = 20;
 /** How far back the first run starts at most: two years of days. */
 const maxHistoryDays = 731;
+/**
+ * How long one of the job's statements may run: a day of a large log, or a
+ * fold of the late rows a retention delete leaves, takes longer than the
+ * rpcs' limit (DATABASE_STATEMENT_TIMEOUT_MS), which would fail it on every
+ * run; one that is stuck is still cut.
+ */
+const jobStatementTimeout = "15min";
+/** Late rows moved per transaction by foldLateCalls. */
+const foldBatchRows = 10_000;
 
 /** Closed UTC days not rolled up yet (0 when up to date); undefined before the first run. */
 export async function rollupLagDays(sql: Sql): Promise<number | undefined> {
@@ -49,7 +58,9 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
     // every call committed before the job took the day's lock.
     const step = await sql.begin("isolation level read committed", async (tx) => {
       const [lock]: [{ locked: boolean }?] = await tx`
-        select pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked
+        select
+          pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked,
+          set_config('statement_timeout', ${jobStatementTimeout}, true)
       `;
       if (!lock?.locked) return "busy" as const;
       const [state]: [{ rolled_from: string | null; rolled_until: string | null; today: string }?] = await tx`
@@ -161,13 +172,30 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
     contended = 0;
     if (step !== "started") days.push(step);
   }
+  if (days.length > 0) await markVisible(sql);
   await foldLateCalls(sql);
-  // The days just written are read by every report that ends after them:
-  // marked all-visible now, they are read by index-only scans without
-  // waiting for autovacuum (with 54,000 heap fetches from rows not yet
-  // marked, the 20,000-key tenant's month took 290 ms instead of 40).
-  if (days.length > 0) await sql`vacuum proxy_call_hourly, proxy_call_daily, proxy_call_spans, proxy_call_running`;
   return { ran: true, days };
+}
+
+/**
+ * VACUUMs the rollups. The days just written are read by every report that
+ * ends after them: marked all-visible now, they are read by index-only scans
+ * without waiting for autovacuum (with 54,000 heap fetches from rows not yet
+ * marked, the 20,000-key tenant's month took 290 ms instead of 40). Only
+ * that: a VACUUM that fails (its time limit on a large catch-up) is left to
+ * autovacuum, and the days stay rolled up.
+ */
+async function markVisible(sql: Sql): Promise<void> {
+  const connection = await sql.reserve();
+  try {
+    await connection`select set_config('statement_timeout', ${jobStatementTimeout}, false)`;
+    await connection`vacuum proxy_call_hourly, proxy_call_daily, proxy_call_spans, proxy_call_running`;
+  } catch {
+    // Autovacuum marks them later.
+  } finally {
+    await connection`reset statement_timeout`.catch(() => {});
+    connection.release();
+  }
 }
 
 /**
@@ -176,11 +204,11 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
  */
 function addToSpans(sql: SqlOrTransaction, rows: string) {
   return sql`
-    insert into proxy_call_spans as s (tenant_id, span_days, first_day, api_key_id, request_count, spend_cents)
-    select tenant_id, 1, day, api_key_id, sum(request_count), sum(spend_cents)
+    insert into proxy_call_spans as s (tenant_id, first_day, api_key_id, request_count, spend_cents)
+    select tenant_id, day, api_key_id, sum(request_count), sum(spend_cents)
     from ${sql(rows)}
-    group by 1, 3, 4
-    on conflict (tenant_id, span_days, first_day, api_key_id) do update
+    group by 1, 2, 3
+    on conflict (tenant_id, first_day, api_key_id) do update
       set request_count = s.request_count + excluded.request_count,
           spend_cents = s.spend_cents + excluded.spend_cents
   `;
@@ -188,22 +216,37 @@ function addToSpans(sql: SqlOrTransaction, rows: string) {
 
 /**
  * Moves the calls written for rolled-up days since they were rolled up
- * (proxy_call_late, appended to by writers) into the rollups, in one
- * transaction: a reader sees them in one place or the other. Writers append
- * meanwhile without waiting; what they commit later waits for the next run.
+ * (proxy_call_late, appended to by writers) into the rollups, up to
+ * foldBatchRows late rows per transaction: a reader sees each one in one
+ * place or the other. (A retention delete of a day leaves a late row per
+ * key, hour and model of it, and each updates up to 31 running totals.)
+ * Writers append meanwhile without waiting; what they commit later waits
+ * for the next run. False when another process holds the job's lock.
  */
 export async function foldLateCalls(sql: Sql): Promise<boolean> {
+  for (;;) {
+    const moved = await foldLateBatch(sql);
+    if (moved === undefined) return false;
+    if (moved < foldBatchRows) return true;
+  }
+}
+
+/** One transaction of foldLateCalls: how many late rows it moved, or undefined when the job's lock is held elsewhere. */
+async function foldLateBatch(sql: Sql): Promise<number | undefined> {
   return await sql.begin("isolation level read committed", async (tx) => {
     const [lock]: [{ locked: boolean }?] = await tx`
-      select pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked
+      select
+        pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked,
+        set_config('statement_timeout', ${jobStatementTimeout}, true)
     `;
-    if (!lock?.locked) return false;
+    if (!lock?.locked) return undefined;
     // A TRUNCATE of proxy_calls empties the rollups: it waits until these
     // rows are in them, or these wait until it has emptied them.
     await tx`lock table proxy_calls in access share mode`;
-    await tx`
+    const [result]: [{ moved: number }?] = await tx`
       with moved as (
         delete from proxy_call_late
+        where ctid = any (array(select ctid from proxy_call_late limit ${foldBatchRows}))
         returning *
       ),
       grouped as (
@@ -252,9 +295,12 @@ export async function foldLateCalls(sql: Sql): Promise<boolean> {
               spend_cents = usage_spend_overflow(
                 usage_running_spend(r.spend_micros, r.spend_cents) + usage_running_spend(excluded.spend_micros, excluded.spend_cents)
               )
+      ),
+      spans as (
+        ${addToSpans(tx, "by_day")}
       )
-      ${addToSpans(tx, "by_day")}
+      select count(*)::int4 as moved from moved
     `;
-    return true;
+    return result?.moved ?? 0;
   });
 }

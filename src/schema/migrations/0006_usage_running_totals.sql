@@ -3,7 +3,14 @@
 -- summing spans: the sum over whole days [a, b) is the running total at b - 1
 -- less the one at a - 1 when both fall in one aligned 32-day block, and one
 -- block's total more per block boundary in between. A 30-day window reads
--- three rows per key (about eight from proxy_call_spans).
+-- three rows per key (about seven from the spans of 1 to 32 days).
+--
+-- Deploying: replicas of the previous version must not run on past this
+-- migration. Their rollup job is held off while it runs (it takes the job's
+-- lock), and afterwards their job and their whole-tenant reports fail (the
+-- spans' span_days column is gone) rather than answer from spans no longer
+-- kept. Migrate, then replace them.
+select pg_advisory_xact_lock(7301944513);
 --
 -- A row holds one key's calls from the start of its block (or from
 -- rolled_from, in the block that holds it) through `day`. Rows are dense: a
@@ -16,6 +23,9 @@
 -- while that fits in an int8: summing int8 is about twice as fast as numeric
 -- for a tenant's 20,000 keys (docs/DESIGN.md). A total past int8 is kept in
 -- spend_cents instead; exactly one of the two is set.
+-- Keyed by day first, unlike the tables before (0001): the job carries a
+-- day's totals of every tenant forward, and each report reads one day of
+-- one tenant, a range either way.
 create table proxy_call_running (
   day date not null,
   tenant_id uuid not null,
@@ -54,6 +64,14 @@ create aggregate usage_int8_sum(int8) (
   parallel = safe
 );
 
+-- Spans longer than a day served the per-key totals; only the one-day spans
+-- (a whole tenant's days per key) are read now, and they lose their length.
+delete from proxy_call_spans where span_days <> 1;
+alter table proxy_call_spans drop constraint proxy_call_spans_pkey;
+alter table proxy_call_spans drop column span_days;
+alter table proxy_call_spans
+  add primary key (tenant_id, first_day, api_key_id) include (request_count, spend_cents);
+
 -- The running totals of the days rolled up so far, from their one-day spans
 -- (which hold the late calls folded in so far).
 insert into proxy_call_running (day, tenant_id, api_key_id, request_count, spend_micros, spend_cents)
@@ -68,14 +86,12 @@ from (
   from (
     select tenant_id, api_key_id, usage_span_start(first_day, 32) as block, min(first_day) as first_day
     from proxy_call_spans
-    where span_days = 1
     group by 1, 2, 3
   ) as key_block
   cross join usage_rollup_state as state
   cross join lateral generate_series(0, least(key_block.block + 31, state.rolled_until - 1) - key_block.first_day) as n
   left join proxy_call_spans as span
     on span.tenant_id = key_block.tenant_id
-    and span.span_days = 1
     and span.first_day = key_block.first_day + n
     and span.api_key_id = key_block.api_key_id
   where state.singleton
@@ -98,9 +114,3 @@ begin
   return null;
 end;
 $$;
-
--- Spans longer than a day served the per-key totals; only the one-day spans
--- (a whole tenant's days per key) are read now.
-delete from proxy_call_spans where span_days <> 1;
-alter table proxy_call_spans drop constraint proxy_call_spans_span_days_check;
-alter table proxy_call_spans add constraint proxy_call_spans_span_days_check check (span_days = 1);
