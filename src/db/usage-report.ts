@@ -198,7 +198,8 @@ type Assumption = { readonly rolled: RolledDays | null } | undefined;
  * usage report over [sinceUs, untilUs): calls summed into buckets, by key
  * and by model as asked, empty buckets left out. Exact whatever the mix of
  * sources (reportPieces): the pieces never overlap, and while a day is
- * rolled up its rollup rows and its calls change together (migration 0005).
+ * rolled up its rollup rows and its calls change together (migrations 0005
+ * and 0006).
  * Rolled-up days that are not assumed are read from proxy_calls, which is
  * as exact, so the assumption holds while the rolled-up days include the
  * assumed ones; it fails only when the rollups were emptied (a rebuild).
