@@ -340,7 +340,9 @@ describe("WatchKeys and ListKeyChanges", () => {
         expect(second.nextPageToken).to.equal(undefined);
         const whole = await client.call("ListKeyChanges", { tenantId });
         expect(whole.changes as JsonObject[]).to.have.length(5);
-        expect(await client.call("ListKeyChanges", { tenantId: newTenant(), keyId })).to.deep.equal({});
+        // Another tenant's key is NOT_FOUND, as in every rpc.
+        const theirs = await failure(client.call("ListKeyChanges", { tenantId: newTenant(), keyId }));
+        expect(theirs.code).to.equal(Code.NotFound);
         const err = await failure(
           client.call("ListKeyChanges", { tenantId: newTenant(), keyId, pageToken: first.nextPageToken as string }),
         );

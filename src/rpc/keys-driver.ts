@@ -205,7 +205,13 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
       // stream resuming from its cursor has passed, never one before a
       // position still being committed.
       const upTo = await deps.feed.readNow();
-      const rows = await storeFor(context).listKeyChanges(tenantId, { keyId, before, upTo, limit: pageSize + 1 });
+      const store = storeFor(context);
+      const rows = await store.listKeyChanges(tenantId, { keyId, before, upTo, limit: pageSize + 1 });
+      // A key with no change listed is the tenant's, or NOT_FOUND as in every
+      // rpc (a deleted key's changes are still listed).
+      if (keyId !== undefined && rows.length === 0 && !(await store.fetchKeyById(tenantId, keyId))) {
+        throw notFound("key");
+      }
       const page = rows.slice(0, pageSize);
       const last = page.at(-1);
       const scope = { allTenants: false, tenantId, keyIds: [] } as const;

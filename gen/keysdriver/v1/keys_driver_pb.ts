@@ -1501,7 +1501,8 @@ export const KeysDriverService: GenService<{
    * days by default).
    *
    * Errors: INVALID_ARGUMENT (bad tenant_id or key_id, negative page_size, a
-   * page_token that was edited or issued for another query).
+   * page_token that was edited or issued for another query), NOT_FOUND
+   * (key_id names no key of the tenant and none of its listed changes).
    *
    * @generated from rpc keysdriver.v1.KeysDriverService.ListKeyChanges
    */
