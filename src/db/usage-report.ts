@@ -301,24 +301,18 @@ async function readReport(
           where tenant_id = ${tenantId}
             and id = any(${arrayLiteral(query.keyIds)}::uuid[])
         )`;
-  const rolled = assumed?.rolled;
+  // The rolled-up days include the assumed ones, which a report to now ends after.
+  const stillRolled = (rolled: RolledDays) => sql`coalesce(
+    from_us <= ${rolled.fromUs.toString()}::int8
+    and until_us >= ${rolled.untilUs.toString()}::int8
+    ${query.untilUs === undefined ? sql`and now_us >= ${rolled.untilUs.toString()}::int8` : sql``},
+    false)`;
   // The state a report needs: the keys asked for are the tenant's, the
-  // window does not start after it ends, and the rolled-up days include the
-  // assumed ones, which a report to now ends after.
+  // window does not start after it ends, and the assumption holds.
   const holds = sql`
     ${query.keyIds === undefined ? sql`true` : sql`known = ${query.keyIds.length}`}
     and ${since} <= ${until}
-    and ${
-      assumed === undefined
-        ? sql`false`
-        : rolled === null || rolled === undefined
-          ? sql`true`
-          : sql`coalesce(
-              from_us <= ${rolled.fromUs.toString()}::int8
-              and until_us >= ${rolled.untilUs.toString()}::int8
-              ${query.untilUs === undefined ? sql`and now_us >= ${rolled.untilUs.toString()}::int8` : sql``},
-              false)`
-    }
+    and ${assumed === undefined ? sql`false` : assumed.rolled === null ? sql`true` : stillRolled(assumed.rolled)}
   `;
   const union =
     pieces.length === 0

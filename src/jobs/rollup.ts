@@ -19,6 +19,19 @@ const jobStatementTimeout = "15min";
 /** Late rows moved per transaction by foldLateCalls. */
 const foldBatchRows = 10_000;
 
+/**
+ * Takes the job's lock for the rest of the transaction when no other process
+ * holds it, and gives the transaction the job's statement limit.
+ */
+async function tryJobLock(tx: SqlOrTransaction): Promise<boolean> {
+  const [lock]: [{ locked: boolean }?] = await tx`
+    select
+      pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked,
+      set_config('statement_timeout', ${jobStatementTimeout}, true)
+  `;
+  return lock?.locked === true;
+}
+
 /** Closed UTC days not rolled up yet (0 when up to date); undefined before the first run. */
 export async function rollupLagDays(sql: Sql): Promise<number | undefined> {
   const [row]: [{ lag: number | null }?] = await sql`
@@ -57,12 +70,7 @@ export async function rollUpClosedDays(sql: Sql, options: { readonly maxDays?: n
     // READ COMMITTED whatever the database's default: the day's sum must see
     // every call committed before the job took the day's lock.
     const step = await sql.begin("isolation level read committed", async (tx) => {
-      const [lock]: [{ locked: boolean }?] = await tx`
-        select
-          pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked,
-          set_config('statement_timeout', ${jobStatementTimeout}, true)
-      `;
-      if (!lock?.locked) return "busy" as const;
+      if (!(await tryJobLock(tx))) return "busy" as const;
       const [state]: [{ rolled_from: string | null; rolled_until: string | null; today: string }?] = await tx`
         select rolled_from::text, rolled_until::text, (now() at time zone 'UTC')::date::text as today
         from usage_rollup_state
@@ -234,12 +242,7 @@ export async function foldLateCalls(sql: Sql): Promise<boolean> {
 /** One transaction of foldLateCalls: how many late rows it moved, or undefined when the job's lock is held elsewhere. */
 async function foldLateBatch(sql: Sql): Promise<number | undefined> {
   return await sql.begin("isolation level read committed", async (tx) => {
-    const [lock]: [{ locked: boolean }?] = await tx`
-      select
-        pg_try_advisory_xact_lock(${rollupLockKey.toString()}::int8) as locked,
-        set_config('statement_timeout', ${jobStatementTimeout}, true)
-    `;
-    if (!lock?.locked) return undefined;
+    if (!(await tryJobLock(tx))) return undefined;
     // A TRUNCATE of proxy_calls empties the rollups: it waits until these
     // rows are in them, or these wait until it has emptied them.
     await tx`lock table proxy_calls in access share mode`;
