@@ -1,4 +1,5 @@
 import os from "node:os";
+import type { TlsFiles } from "./security/tls.js";
 
 /**
  * The service's configuration, read once from the environment at start-up.
@@ -47,6 +48,17 @@ export interface Config {
   readonly workers: number;
   /** LOG_LEVEL: fatal, error, warn, info (default), debug (an access line per call), trace or silent. */
   readonly logLevel: string;
+  /**
+   * TLS_CERT_FILE and TLS_KEY_FILE: serve TLS (ALPN h2 and http/1.1) on the
+   * port; TLS_CLIENT_CA_FILE: require client certificates from that CA
+   * (mutual TLS). Unset: plaintext, which NODE_ENV=production refuses
+   * unless ALLOW_PLAINTEXT=true.
+   */
+  readonly tls: TlsFiles | undefined;
+  /** AUTH_POLICY_FILE: who may call which rpc (src/security/access.ts); needs TLS_CLIENT_CA_FILE. */
+  readonly authPolicyFile: string | undefined;
+  /** TLS_RELOAD_INTERVAL_MS: how often the TLS files and the policy are checked for a change. */
+  readonly tlsReloadIntervalMs: number;
   /**
    * MAX_CONNECTIONS, MAX_CONCURRENT_STREAMS, MAX_CALLS_IN_FLIGHT, CONNECTION_IDLE_TIMEOUT_MS,
    * MAX_CONNECTION_AGE_MS, MAX_CONNECTION_AGE_GRACE_MS, KEEPALIVE_TIME_MS,
@@ -125,6 +137,32 @@ function workers(env: Env): number {
   return n === 0 ? cores : n;
 }
 
+function tlsFiles(env: Env): TlsFiles | undefined {
+  const certFile = env.TLS_CERT_FILE || undefined;
+  const keyFile = env.TLS_KEY_FILE || undefined;
+  const clientCaFile = env.TLS_CLIENT_CA_FILE || undefined;
+  if (certFile && !keyFile)
+    throw new ConfigError("TLS_KEY_FILE", "must be set with TLS_CERT_FILE (the certificate's key)");
+  if (keyFile && !certFile) throw new ConfigError("TLS_CERT_FILE", "must be set with TLS_KEY_FILE");
+  if (clientCaFile && !certFile)
+    throw new ConfigError("TLS_CLIENT_CA_FILE", "needs TLS_CERT_FILE and TLS_KEY_FILE (mutual TLS is TLS)");
+  if (env.AUTH_POLICY_FILE && !clientCaFile)
+    throw new ConfigError(
+      "AUTH_POLICY_FILE",
+      "needs TLS_CLIENT_CA_FILE: callers are named by their client certificates",
+    );
+  const plaintextAllowed = env.ALLOW_PLAINTEXT ?? "";
+  if (!["", "true", "false"].includes(plaintextAllowed))
+    throw new ConfigError("ALLOW_PLAINTEXT", `must be true or false, got "${plaintextAllowed}"`);
+  if (!certFile && env.NODE_ENV === "production" && plaintextAllowed !== "true") {
+    throw new ConfigError(
+      "TLS_CERT_FILE",
+      "is required when NODE_ENV=production (with TLS_KEY_FILE, and TLS_CLIENT_CA_FILE for mutual TLS); set ALLOW_PLAINTEXT=true to serve without TLS on purpose",
+    );
+  }
+  return certFile && keyFile ? { certFile, keyFile, clientCaFile } : undefined;
+}
+
 /**
  * How many connections, and for how long, so that no client can hold the
  * process's sockets or memory (the settings below, README).
@@ -182,6 +220,9 @@ export function loadConfig(env: Env = process.env): Config {
     keyEventsRetentionDays: integer(env, "KEY_EVENTS_RETENTION_DAYS", 90, 0, 36_500),
     workers: workers(env),
     logLevel: logLevel(env),
+    tls: tlsFiles(env),
+    authPolicyFile: env.AUTH_POLICY_FILE || undefined,
+    tlsReloadIntervalMs: integer(env, "TLS_RELOAD_INTERVAL_MS", 10_000, 100, 86_400_000),
     connectionLimits: Object.freeze({
       maxConnections: integer(env, "MAX_CONNECTIONS", defaultConnectionLimits.maxConnections, 1, 1_000_000),
       maxConcurrentStreams: integer(

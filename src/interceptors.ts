@@ -14,6 +14,7 @@ import {
 } from "./errors.js";
 import type { Logger } from "./log.js";
 import type { Metrics } from "./metrics.js";
+import type { AccessControl } from "./security/access.js";
 import { type CallSpan, endCallSpan, startCallSpan } from "./tracing.js";
 import { rejectMalformed } from "./transport/malformed.js";
 
@@ -38,6 +39,8 @@ export interface CallObservers {
   readonly tracer?: Tracer;
   /** Caps unary calls in flight; none when unset. */
   readonly admission?: CallAdmission;
+  /** Mutual TLS's check of who may call what; every caller may call everything when unset. */
+  readonly access?: AccessControl;
 }
 
 /** How long an overloaded process asks callers to wait before they try again. */
@@ -296,6 +299,7 @@ function wrapUnary(method: DescMethod, handler: UnaryHandler, observers: CallObs
     const admitted = admission?.admit() ?? true;
     try {
       if (!admitted) throw overloaded(admission?.limit ?? 0);
+      observers.access?.check(method, context, request);
       rejectMalformed(request, method.input.typeName);
       if (!context) return await handler(request, context);
       return await new WorkUntilCallEnds(context, call.trace).run(() => handler(request, context));
@@ -312,6 +316,7 @@ function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallO
   return async function* (request, context) {
     const call = new CallObservation(method, observers, context);
     try {
+      observers.access?.check(method, context, request);
       rejectMalformed(request, method.input.typeName);
       yield* handler(request, context);
     } catch (err) {

@@ -1,5 +1,6 @@
 import cluster from "node:cluster";
 import { Registry } from "prom-client";
+import { KeysDriverService } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { type Config, loadConfig, StartError } from "./config.js";
 import type { Sql } from "./db/client.js";
 import { type PeriodicJob, startPeriodicJob } from "./jobs/periodic.js";
@@ -10,6 +11,7 @@ import { type PreparedDatabase, prepareDatabase } from "./process/database.js";
 import { listenForShutdown, type ShutdownRequest } from "./process/signals.js";
 import { runWorker, runWorkers } from "./process/workers.js";
 import { demoKeys, demoTenants } from "./schema/demo.js";
+import { readAccessPolicy, readTlsMaterial } from "./security/tls.js";
 import { startService } from "./service.js";
 
 // The executable (`npm start`): prepare the database, run the background
@@ -49,12 +51,21 @@ function startJobs(config: Config, sql: Sql, metrics: JobMetrics): PeriodicJob[]
   return jobs;
 }
 
-function printWelcome(address: string, db: PreparedDatabase, workers: number): void {
+function printWelcome(config: Config, address: string, db: PreparedDatabase, workers: number): void {
   const where = workers > 1 ? `${address}, ${workers} workers` : address;
-  console.error(
-    `KeysDriverService listening on ${where} (gRPC over h2c; Connect and gRPC-Web over HTTP/1.1 and h2c; database: ${db.embedded ? "embedded PostgreSQL" : "DATABASE_URL"})`,
-  );
+  const database = db.embedded ? "embedded PostgreSQL" : "DATABASE_URL";
+  const transport = !config.tls
+    ? "gRPC over h2c; Connect and gRPC-Web over HTTP/1.1 and h2c"
+    : `TLS${config.tls.clientCaFile ? " with client certificates" : ""}: gRPC over h2; Connect and gRPC-Web over HTTP/1.1 and h2`;
+  console.error(`KeysDriverService listening on ${where} (${transport}; database: ${database})`);
   console.error("Try:");
+  if (config.tls) {
+    const client = config.tls.clientCaFile ? " --cert <client.pem> --key <client-key.pem>" : "";
+    console.error(
+      `  npx buf curl --protocol grpc --cacert <ca.pem>${client} \\\n    --list-methods https://${address}`,
+    );
+    return;
+  }
   // The demo data is loaded into the embedded database only.
   const call = db.embedded
     ? `--data '{"tenantId":"${demoTenants.acme}","keyId":"${demoKeys.acmeProduction}"}' \\\n    http://${address}/keysdriver.v1.KeysDriverService/FetchKeyById`
@@ -73,7 +84,7 @@ async function serveHere(
     { ...config, databaseUrl: db.url },
     { metricsText: (own) => Registry.merge([own, jobMetrics.registry]).metrics() },
   );
-  printWelcome(service.address, db, 1);
+  printWelcome(config, service.address, db, 1);
   const signal = await shutdown.requested;
   console.error(`${signal}: draining calls (up to ${config.shutdownGraceMs} ms), then stopping`);
   await service.close(config.shutdownGraceMs);
@@ -81,6 +92,9 @@ async function serveHere(
 
 async function run(config: Config, shutdown: ShutdownRequest): Promise<void> {
   if (cluster.isWorker) return await runWorker(config, shutdown);
+  // A TLS file or a policy that cannot be used stops the start here, before the database and any worker.
+  if (config.tls) await readTlsMaterial(config.tls);
+  if (config.authPolicyFile) await readAccessPolicy(config.authPolicyFile, [KeysDriverService]);
   const db = await prepareDatabase(config, { onNotice: (message) => console.error(`${name}: ${message}`) });
   const jobMetrics = createJobMetrics();
   const jobs = startJobs(config, db.sql, jobMetrics);
@@ -88,7 +102,7 @@ async function run(config: Config, shutdown: ShutdownRequest): Promise<void> {
     if (shutdown.signal !== undefined) {
       console.error(`${shutdown.signal} during start-up: stopping`);
     } else if (config.workers > 1) {
-      const welcome = (address: string) => printWelcome(address, db, config.workers);
+      const welcome = (address: string) => printWelcome(config, address, db, config.workers);
       await runWorkers(config, db.url, shutdown, welcome, jobMetrics.registry);
     } else {
       await serveHere(config, db, shutdown, jobMetrics);

@@ -1,8 +1,9 @@
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
+import tls from "node:tls";
 import type { DescService } from "@bufbuild/protobuf";
-import type { ConnectRouter, ServiceImpl } from "@connectrpc/connect";
+import { type ConnectRouter, createContextValues, type ServiceImpl } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
@@ -10,6 +11,8 @@ import { type ConnectionLimits, defaultConnectionLimits, StartError } from "./co
 import { CallAdmission, type CallObservers, observeCalls } from "./interceptors.js";
 import { createHealthService, type HealthState } from "./rpc/health.js";
 import { addReflection } from "./rpc/reflection.js";
+import { tlsPeerKey, tlsPeerOfSocket } from "./security/caller.js";
+import type { TlsMaterial } from "./security/tls.js";
 import { grpcServiceFor } from "./transport/grpc.js";
 import { assertConnectFixed } from "./transport/malformed.js";
 
@@ -40,6 +43,8 @@ export interface ServerDeps {
   readonly health: HealthState;
   /** The Prometheus text for GET /metrics; without it, /metrics is 404. */
   readonly metricsText?: () => Promise<string>;
+  /** Serve TLS (and ask for client certificates when it says so); plaintext without it. */
+  readonly tls?: TlsMaterial;
 }
 
 /** A listening server. */
@@ -48,6 +53,10 @@ export interface RunningServer {
   readonly port: number;
   /** "host:port", for clients. */
   readonly address: string;
+  /** Whether connections are TLS. */
+  readonly secure: boolean;
+  /** New connections use this certificate, key and client CA (a reload); open ones keep theirs. */
+  setTls(material: TlsMaterial): void;
   /**
    * Stops accepting connections, lets calls in flight finish for up to
    * `graceMs`, then cuts what is left. Resolves when everything is closed.
@@ -184,10 +193,12 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // Each service is registered with both servers in one place, with the
   // same wrapped handlers, so the protocols cannot drift apart.
   const connectRoutes: ((router: ConnectRouter) => void)[] = [];
-  // The service's unary calls share one cap; health checks are never refused.
+  // The service's unary calls share one cap; health checks are never
+  // refused, and need no client certificate (probes have none).
   const admitted = { ...deps.observers, admission: new CallAdmission(limits.maxCallsInFlight) };
+  const probes = { ...deps.observers, access: undefined };
   for (const { service, impl } of [...deps.services, registration(Health, health)]) {
-    const handlers = observeCalls(service, impl, service === Health ? deps.observers : admitted);
+    const handlers = observeCalls(service, impl, service === Health ? probes : admitted);
     const { definition, implementation } = grpcServiceFor(service, handlers);
     grpcServer.addService(definition, implementation);
     connectRoutes.push((router) => router.service(service, handlers));
@@ -196,6 +207,8 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   const grpcConnections = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
   const connectHandler = connectNodeAdapter({
     readMaxBytes: maxRequestBytes,
+    // On TLS, the access check (src/security/access.ts) reads the caller's certificate from the socket.
+    ...(deps.tls ? { contextValues: (req) => createContextValues().set(tlsPeerKey, tlsPeerOfSocket(req.socket)) } : {}),
     routes: (router) => {
       for (const route of connectRoutes) route(router);
     },
@@ -243,7 +256,9 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // nothing for too long, and at shutdown.
   const undecided = new Set<net.Socket>();
   const http2Sockets = new Set<net.Socket>();
-  const listener = net.createServer((socket) => {
+  // Sorts a connection by its first (decrypted, on TLS) bytes: ALPN h2 and
+  // prior-knowledge h2c both open with the HTTP/2 preface.
+  const accept = (socket: net.Socket) => {
     socket.setNoDelay(true);
     undecided.add(socket);
     const silent = setTimeout(() => socket.destroy(), firstBytesTimeoutMs);
@@ -284,7 +299,31 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
       clearTimeout(silent);
       undecided.delete(socket);
     });
-  });
+  };
+  const listener = deps.tls
+    ? tls.createServer(
+        {
+          ...deps.tls.options,
+          ALPNProtocols: ["h2", "http/1.1"],
+          // Mutual TLS: a client without a valid certificate still connects,
+          // and each call is answered UNAUTHENTICATED (a status, not a reset).
+          requestCert: deps.tls.requestCert,
+          rejectUnauthorized: false,
+          handshakeTimeout: firstBytesTimeoutMs,
+        },
+        accept,
+      )
+    : net.createServer(accept);
+  // A failed handshake has closed its socket already; nothing to serve.
+  listener.on("tlsClientError", () => {});
+  // The TCP sockets under TLS, handshaking or not: cut with the rest when the grace ends.
+  const tcpUnderTls = new Set<net.Socket>();
+  if (deps.tls) {
+    listener.on("connection", (socket: net.Socket) => {
+      tcpUnderTls.add(socket);
+      socket.once("close", () => tcpUnderTls.delete(socket));
+    });
+  }
 
   listener.maxConnections = limits.maxConnections;
 
@@ -315,6 +354,10 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   return {
     port: bound.port,
     address: `${host}:${bound.port}`,
+    secure: deps.tls !== undefined,
+    setTls(material) {
+      if (listener instanceof tls.Server) listener.setSecureContext(material.options);
+    },
     async close(graceMs = 10_000) {
       deps.health.drain();
       const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
@@ -328,6 +371,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
         grpcConnections.destroy();
         grpcServer.forceShutdown();
         for (const socket of http2Sockets) socket.destroy();
+        for (const socket of tcpUnderTls) socket.destroy();
       }, graceMs);
       timer.unref();
       await Promise.all([stopped, httpDone, grpcDone]);

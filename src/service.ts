@@ -15,6 +15,8 @@ import { HealthState } from "./rpc/health.js";
 import { createKeysDriverService } from "./rpc/keys-driver.js";
 import { createPageTokenCodec } from "./rpc/page-token.js";
 import { createTokenSigner } from "./rpc/signed-token.js";
+import { AccessControl } from "./security/access.js";
+import { readAccessPolicy, readTlsMaterial, type TlsMaterial, watchFiles } from "./security/tls.js";
 import { registration, startServer } from "./server.js";
 import { tracingFromEnv } from "./tracing.js";
 
@@ -30,7 +32,7 @@ export type ServiceConfig = Pick<
   | "watchMaxQueuedChanges"
   | "watchPollIntervalMs"
 > &
-  Partial<Pick<Config, "logLevel">> & {
+  Partial<Pick<Config, "logLevel" | "tls" | "authPolicyFile" | "tlsReloadIntervalMs">> & {
     /** A postgres:// URL of a migrated database. */
     readonly databaseUrl: string;
     /** Connection limits; the defaults (defaultConnectionLimits) for what is not given. */
@@ -92,7 +94,10 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
   });
   let feed: KeyFeed | undefined;
   let probe: { close(): Promise<void> } | undefined;
+  let reloads: { close(): void } | undefined;
   try {
+    const security = await startSecurity(config, (message, err) => logError(message, err));
+    reloads = security.reloads;
     const secret = config.pageTokenSecret ?? (await findServiceSecret(sql, "page_token"));
     if (!secret) throw new StartError("the page token secret is missing from service_secrets; run `npm run migrate`");
     const signer = createTokenSigner(secret);
@@ -122,13 +127,15 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
     });
     const server = await startServer({
       services: [registration(KeysDriverService, handlers)],
-      observers: { metrics, logError, logger, tracer },
+      observers: { metrics, logError, logger, tracer, access: security.access },
       health,
+      tls: security.material,
       limits: config.connectionLimits,
       host: config.host,
       port: config.port,
       metricsText: () => (hooks.metricsText ?? ((own) => own.metrics()))(metrics.registry),
     });
+    security.onReload((material) => server.setTls(material));
     const probing = probe;
     return {
       address: server.address,
@@ -144,6 +151,7 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
         const streamsGone = Date.now() + Math.min(graceMs ?? 10_000, 2_000);
         while (running.subscribers > 0 && Date.now() < streamsGone) await new Promise((r) => setTimeout(r, 10));
         await server.close(graceMs);
+        security.reloads?.close();
         await probing.close();
         await running.close();
         await sql.end({ timeout: 5 });
@@ -151,10 +159,50 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
       },
     };
   } catch (err) {
+    reloads?.close();
     await probe?.close();
     await feed?.close();
     await sql.end({ timeout: 1 });
     await tracing?.shutdown();
+    throw err;
+  }
+}
+
+/**
+ * TLS, mutual TLS and the access policy, as configured: read and checked
+ * now (a problem stops the start, naming its variable), then re-read when
+ * the files change (a problem is logged, and what was in use stays).
+ */
+async function startSecurity(config: ServiceConfig, logError: ErrorLogger) {
+  const files = config.tls;
+  const policyFile = config.authPolicyFile;
+  let applyTls: (material: TlsMaterial) => void = () => {};
+  const onReload = (apply: (material: TlsMaterial) => void) => {
+    applyTls = apply;
+  };
+  if (!files) return { material: undefined, access: undefined, reloads: undefined, onReload };
+  const watched = [files.certFile, files.keyFile, files.clientCaFile, policyFile].filter((f) => f !== undefined);
+  const services = [KeysDriverService];
+  let access: AccessControl | undefined;
+  const reloads = await watchFiles(
+    watched,
+    config.tlsReloadIntervalMs ?? 10_000,
+    async () => {
+      const material = await readTlsMaterial(files);
+      const policy = policyFile === undefined ? undefined : await readAccessPolicy(policyFile, services);
+      applyTls(material);
+      if (policy) access?.replacePolicy(policy);
+    },
+    (err) => logError("the TLS files or the access policy changed but cannot be used; keeping the ones in use", err),
+  );
+  try {
+    const material = await readTlsMaterial(files);
+    if (material.requestCert) {
+      access = new AccessControl(policyFile === undefined ? undefined : await readAccessPolicy(policyFile, services));
+    }
+    return { material, access, reloads, onReload };
+  } catch (err) {
+    reloads.close();
     throw err;
   }
 }

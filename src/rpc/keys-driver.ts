@@ -18,6 +18,7 @@ import type { CallScopedStore, FreezeOutcome, Store } from "../db/store.js";
 import { invalidArgument, notFound, rpcError } from "../errors.js";
 import type { KeyFeed } from "../feed/key-feed.js";
 import type { Micros } from "../micros.js";
+import { callerIdentityKey } from "../security/caller.js";
 import type { PositionTokens } from "./cursors.js";
 import { parseEtag } from "./etag.js";
 import type { PageTokenCodec } from "./page-token.js";
@@ -32,6 +33,17 @@ export const defaultPageSize = 50;
 export const maxPageSize = 1000;
 const maxReasonLength = 1024;
 const maxActorLength = 256;
+
+/**
+ * Who made a change: the actor the caller names, or else, on mutual TLS,
+ * the caller's identity from its certificate (src/security/access.ts).
+ */
+function actorOf(given: string, context: HandlerContext | undefined): string | null {
+  const actor = optionalText("actor", given, maxActorLength);
+  if (actor !== null) return actor;
+  const identity = context?.values.get(callerIdentityKey);
+  return identity === undefined ? null : [...identity].slice(0, maxActorLength).join("");
+}
 /** How far after this process's clock a freeze's frozen_at may be: clocks differ a little. */
 const maxFrozenAtSkewUs = 5n * 60n * 1_000_000n;
 
@@ -176,7 +188,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
         expectedVersion: parseEtag(keyId, req.etag),
         frozenAtUs: frozenAtOf(req.frozenAt),
         reason: optionalText("reason", req.reason, maxReasonLength),
-        actor: optionalText("actor", req.actor, maxActorLength),
+        actor: actorOf(req.actor, context),
       });
       return create(UpdateKeyFrozenResponseSchema, freezeResult(outcome));
     },
@@ -189,7 +201,7 @@ export function createKeysDriverService(deps: KeysDriverDeps) {
         keyId,
         expectedVersion: parseEtag(keyId, req.etag),
         reason: optionalText("reason", req.reason, maxReasonLength),
-        actor: optionalText("actor", req.actor, maxActorLength),
+        actor: actorOf(req.actor, context),
       });
       return create(UpdateKeyUnfrozenResponseSchema, freezeResult(outcome));
     },

@@ -14,6 +14,7 @@ import { StatusSchema } from "../../gen/google/rpc/status_pb.js";
 import { callStatements, type StatementScope } from "../db/client.js";
 import { invalidArgument, withErrorDetails } from "../errors.js";
 import { type CallEndListener, clientCancelled, deadlinePassed, onCallEnd } from "../interceptors.js";
+import { tlsPeerKey } from "../security/caller.js";
 import { malformedRequest } from "./malformed.js";
 
 type UnaryHandler = (req: never, context: HandlerContext) => Promise<unknown>;
@@ -264,7 +265,12 @@ class GrpcCallContext {
     return this.lazyHeaders().trailer;
   }
   get values(): ContextValues {
-    this.contextValues ??= createContextValues();
+    if (!this.contextValues) {
+      // grpc-js gives a certificate only when it chains to the client CA.
+      const certificate = this.call.getAuthContext().sslPeerCertificate;
+      const peer = certificate ? { authorized: true, certificate: () => certificate } : undefined;
+      this.contextValues = createContextValues().set(tlsPeerKey, peer);
+    }
     return this.contextValues;
   }
   [onCallEnd](listener: CallEndListener): void {

@@ -270,9 +270,12 @@ function requestFor(method: string, request: JsonObject): Record<string, unknown
   return out;
 }
 
-/** @grpc/grpc-js as an independent gRPC client. */
-export function grpcJsCaller(address: string): JsonCaller {
-  const client = new loaded.keysdriver.v1.KeysDriverService(address, grpc.credentials.createInsecure());
+/** @grpc/grpc-js as an independent gRPC client; plaintext unless given TLS credentials. */
+export function grpcJsCaller(
+  address: string,
+  credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+): JsonCaller {
+  const client = new loaded.keysdriver.v1.KeysDriverService(address, credentials);
   const asRpcError = (err: grpc.ServiceError) =>
     new RpcError(err.code, err.details, detailsOfStatus(err.metadata?.get("grpc-status-details-bin")[0] as Buffer));
   type Unary = (

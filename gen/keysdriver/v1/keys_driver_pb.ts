@@ -20,8 +20,14 @@
 // * Status codes: INVALID_ARGUMENT for a malformed request (the message names
 //   the field), NOT_FOUND for an unknown key, ABORTED for a stale etag,
 //   UNAVAILABLE when the database cannot be reached (safe to retry with
-//   backoff), DEADLINE_EXCEEDED when the caller's deadline ran out, INTERNAL
-//   for anything else (the cause is logged by the service, never sent).
+//   backoff), DEADLINE_EXCEEDED when the caller's deadline ran out,
+//   RESOURCE_EXHAUSTED when the service is overloaded (retry after the
+//   RetryInfo delay), INTERNAL for anything else (the cause is logged by the
+//   service, never sent).
+// * Where the service runs with mutual TLS: UNAUTHENTICATED for a call
+//   without a client certificate issued by the trusted CA, PERMISSION_DENIED
+//   for an rpc the service's policy does not grant the certificate's identity
+//   (or an all_tenants request, which needs its own grant).
 // * Every error carries google.rpc details (in grpc-status-details-bin, or
 //   the Connect error's `details`): a google.rpc.ErrorInfo always, in domain
 //   "keysdriver.v1", whose `reason` is stable (e.g. INVALID_FIELD,
@@ -551,7 +557,8 @@ export type UpdateKeyFrozenRequest = Message<"keysdriver.v1.UpdateKeyFrozenReque
 
   /**
    * Optional. Who froze it (a person or a system), kept with the key; at most
-   * 256 characters.
+   * 256 characters. Unset on a mutual TLS connection: the caller's identity
+   * from its certificate (its SPIFFE id or DNS name).
    *
    * @generated from field: string actor = 6;
    */
@@ -631,6 +638,8 @@ export type UpdateKeyUnfrozenRequest = Message<"keysdriver.v1.UpdateKeyUnfrozenR
 
   /**
    * Optional. Who unfroze it, kept with the key; at most 256 characters.
+   * Unset on a mutual TLS connection: the caller's identity from its
+   * certificate.
    *
    * @generated from field: string actor = 5;
    */
@@ -1340,8 +1349,9 @@ export const UsageReportOrderSchema: GenEnum<UsageReportOrder> = /*@__PURE__*/
 /**
  * Reads a tenant's API keys and flips their kill switch.
  *
- * Served on one port over the gRPC protocol (HTTP/2 without TLS, "h2c") and
- * over the Connect and gRPC-Web protocols (HTTP/1.1 and h2c).
+ * Served on one port over the gRPC protocol (HTTP/2: "h2c" without TLS, or
+ * ALPN "h2") and over the Connect and gRPC-Web protocols (HTTP/1.1 and
+ * HTTP/2).
  *
  * @generated from service keysdriver.v1.KeysDriverService
  */
@@ -1486,7 +1496,8 @@ export const KeysDriverService: GenService<{
    * that was edited or issued for another tenant, resume_cursor together
    * with send_initial_state), OUT_OF_RANGE (the resume_cursor is older than
    * the retained history: list the keys again, or watch with
-   * send_initial_state).
+   * send_initial_state), PERMISSION_DENIED (all_tenants, under mutual TLS,
+   * for a caller the policy does not allow every tenant).
    *
    * @generated from rpc keysdriver.v1.KeysDriverService.WatchKeys
    */
