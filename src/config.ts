@@ -23,6 +23,11 @@ export interface Config {
    * /root, say).
    */
   readonly embeddedStageDir: string;
+  /**
+   * DATABASE_ROLE: the role the service acts as, with only what the rpcs and
+   * jobs need (migration 0007); undefined ("none") = DATABASE_URL's user as it is.
+   */
+  readonly databaseRole: string | undefined;
   /** DATABASE_POOL_MAX: connections in the pool. */
   readonly poolMax: number;
   /** DATABASE_STATEMENT_TIMEOUT_MS: server-side cap on one statement; 0 = none. */
@@ -124,6 +129,18 @@ function databaseUrl(env: Env): string | undefined {
   return raw;
 }
 
+/** The role migration 0007 creates, with the service's privileges. */
+export const serviceRole = "keys_driver_service";
+
+function databaseRole(env: Env): string | undefined {
+  const raw = env.DATABASE_ROLE;
+  if (raw === undefined || raw === "") return serviceRole;
+  if (raw === "none") return undefined;
+  if (!/^[a-z_][a-z0-9_$]{0,62}$/.test(raw))
+    throw new ConfigError("DATABASE_ROLE", `must be a role name in lower case (or "none"), got "${raw}"`);
+  return raw;
+}
+
 function pageTokenSecret(env: Env): Uint8Array | undefined {
   const raw = env.PAGE_TOKEN_SECRET;
   if (raw === undefined || raw === "") return undefined;
@@ -209,6 +226,7 @@ export function loadConfig(env: Env = process.env): Config {
     embeddedDataDir: env.EMBEDDED_PG_DIR || ".data/postgres",
     embeddedPort: integer(env, "EMBEDDED_PG_PORT", 0, 0, 65535),
     embeddedStageDir: env.EMBEDDED_PG_STAGE_DIR || "/var/lib/keys-driver-service",
+    databaseRole: databaseRole(env),
     poolMax: integer(env, "DATABASE_POOL_MAX", 10, 1, 1000),
     statementTimeoutMs: integer(env, "DATABASE_STATEMENT_TIMEOUT_MS", 10_000, 0, 3_600_000),
     pageTokenSecret: pageTokenSecret(env),

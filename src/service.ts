@@ -25,6 +25,7 @@ export type ServiceConfig = Pick<
   Config,
   | "host"
   | "port"
+  | "databaseRole"
   | "poolMax"
   | "statementTimeoutMs"
   | "pageTokenSecret"
@@ -90,6 +91,7 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
     url: config.databaseUrl,
     poolMax: config.poolMax,
     statementTimeoutMs: config.statementTimeoutMs,
+    role: config.databaseRole,
     onQuery: hooks.onQuery,
   });
   let feed: KeyFeed | undefined;

@@ -7,6 +7,7 @@ import path from "node:path";
 import { expect } from "chai";
 import { createSql } from "../src/db/client.js";
 import { startEmbeddedPostgres } from "../src/process/embedded-postgres.js";
+import { demoKeys, demoTenants } from "../src/schema/demo.js";
 import { grpcJsCaller } from "./support/clients.js";
 import { startMain } from "./support/service.js";
 
@@ -320,6 +321,24 @@ describe("the first start on the embedded PostgreSQL", function () {
     } finally {
       await asPostgres("pg_ctl", ["-D", foreign, "-m", "immediate", "stop"]);
     }
+  });
+
+  it("acts as the service's role, keys_driver_service, on the embedded database too", async () => {
+    const started = startMain(env);
+    running.push(started.child);
+    const client = grpcJsCaller(`127.0.0.1:${await started.listening}`);
+    try {
+      const tenantId = demoTenants.acme;
+      const keyId = demoKeys.acmeProduction;
+      await client.call("UpdateKeyFrozen", { tenantId, keyId, reason: "who am I" });
+      await client.call("UpdateKeyUnfrozen", { tenantId, keyId });
+      const { changes } = await client.call("ListKeyChanges", { tenantId, keyId, pageSize: 1 });
+      expect((changes as { dbRole: string }[])[0]?.dbRole).to.equal("keys_driver_service");
+    } finally {
+      client.close();
+    }
+    started.child.kill("SIGTERM");
+    expect(await started.exited).to.equal(0);
   });
 
   it("does not wait for idle connections when it stops", async () => {

@@ -27,7 +27,7 @@ describe("migrations", () => {
     const db = await createTestDatabase({ migrated: false });
     try {
       const pending = await pendingMigrations(db.sql);
-      expect(pending.map((m) => m.version)).to.deep.equal([1, 2, 3, 4, 5, 6]);
+      expect(pending.map((m) => m.version)).to.deep.equal([1, 2, 3, 4, 5, 6, 7]);
       expect((await migrate(db.sql)).map((m) => m.file)).to.deep.equal([
         "0001_keys_and_calls.sql",
         "0002_usage_rollup.sql",
@@ -35,6 +35,7 @@ describe("migrations", () => {
         "0004_key_events.sql",
         "0005_usage_by_hour_and_model.sql",
         "0006_usage_running_totals.sql",
+        "0007_service_role.sql",
       ]);
       expect(await migrate(db.sql)).to.deep.equal([]);
       expect(await pendingMigrations(db.sql)).to.deep.equal([]);
@@ -47,7 +48,7 @@ describe("migrations", () => {
     const db = await createTestDatabase({ migrated: false });
     try {
       const runs = await Promise.all([migrate(db.sql), migrate(db.sql), migrate(db.sql)]);
-      expect(runs.flat().map((m) => m.version)).to.have.members([1, 2, 3, 4, 5, 6]);
+      expect(runs.flat().map((m) => m.version)).to.have.members([1, 2, 3, 4, 5, 6, 7]);
       const [row]: [{ n: bigint }?] = await db.sql`select count(*) as n from service_secrets`;
       expect(row?.n).to.equal(1n);
     } finally {
@@ -89,6 +90,29 @@ describe("starting the service", () => {
       expect(absent.output).to.contain("the database does not exist");
       for (const run of [closed, absent]) expect(run.output).to.not.match(/\n\s+at /);
     } finally {
+      await db.drop();
+    }
+  });
+
+  it("refuses a DATABASE_URL user that may not act as the service's role, saying what to grant", async () => {
+    const db = await createTestDatabase();
+    const login = `keys_test_login_${process.pid}`;
+    await db.sql.unsafe(`create role ${login} login password 'not-a-secret'`);
+    try {
+      const url = new URL(db.url);
+      url.username = login;
+      url.password = "not-a-secret";
+      const refused = await runService({ DATABASE_URL: url.toString(), PORT: "0" });
+      expect(refused.code, refused.output).to.equal(1);
+      expect(refused.output).to.contain(
+        `DATABASE_URL's user ${login} may not act as keys_driver_service (DATABASE_ROLE); as the owner, run: grant keys_driver_service to ${login}`,
+      );
+      const unknown = await runService({ DATABASE_URL: db.url, DATABASE_ROLE: "no_such_role", PORT: "0" });
+      expect(unknown.code).to.equal(1);
+      expect(unknown.output).to.contain("the role no_such_role (DATABASE_ROLE) does not exist");
+      for (const run of [refused, unknown]) expect(run.output).to.not.match(/\n\s+at /);
+    } finally {
+      await db.sql.unsafe(`drop role if exists ${login}`);
       await db.drop();
     }
   });

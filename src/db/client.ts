@@ -23,6 +23,12 @@ export interface SqlOptions {
    * database leaves waking the feed's readers to the writer (migration 0004).
    */
   readonly applicationName?: string;
+  /**
+   * The role every statement runs as (set when a connection opens, as SET
+   * ROLE would): the service's least-privileged role (migration 0007). Unset:
+   * the URL's user, as it is.
+   */
+  readonly role?: string;
   /** How long to wait for a connection, in seconds; postgres.js's default (30) when unset. */
   readonly connectTimeoutSeconds?: number;
   /** Sees the text and parameters of every statement sent (tests, benchmark). */
@@ -52,6 +58,7 @@ export function createSql(options: SqlOptions): Sql {
       TimeZone: "UTC",
       jit: "off",
       application_name: options.applicationName ?? "keys-driver-service",
+      ...(options.role ? { role: options.role } : {}),
       ...(options.statementTimeoutMs > 0 ? { statement_timeout: options.statementTimeoutMs } : {}),
     },
     // No array-type lookup when a connection opens: a failure of that lookup

@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import { type Config, StartError } from "../config.js";
 import { createSql, type Sql } from "../db/client.js";
 import { loadDemoDataOnce } from "../schema/demo.js";
@@ -115,19 +116,80 @@ export async function openDatabase(config: Config, options: OpenOptions = {}): P
   };
 }
 
+/** The embedded database's login for the service: a member of its role, with a new password each start. */
+const embeddedServiceLogin = async (sql: Sql, superuserUrl: string, role: string): Promise<string> => {
+  const login = "keys_driver_app";
+  const password = randomBytes(24).toString("base64url");
+  await sql.begin(async (tx) => {
+    const [exists]: [{ found: boolean }?] = await tx`select true as found from pg_roles where rolname = ${login}`;
+    if (!exists) await tx`create role ${tx(login)} login`;
+    await tx`grant ${tx(role)} to ${tx(login)}`;
+    // A generated base64url string: nothing in it needs quoting.
+    await tx.unsafe(`alter role ${login} password '${password}'`);
+  });
+  const url = new URL(superuserUrl);
+  url.username = login;
+  url.password = password;
+  return url.toString();
+};
+
+/**
+ * A pool on `url` that acts as `role` (DATABASE_ROLE), checked: a user that
+ * may not act as it, or a role that does not exist, stops the start with
+ * what to grant.
+ */
+export async function openAsRole(url: string, role: string, config: Config, options: OpenOptions = {}): Promise<Sql> {
+  const sql = createSql({
+    url,
+    poolMax: options.poolMax ?? 2,
+    statementTimeoutMs: config.statementTimeoutMs,
+    connectTimeoutSeconds: 10,
+    role,
+  });
+  try {
+    await sql`select 1`;
+    return sql;
+  } catch (err) {
+    await sql.end({ timeout: 1 });
+    const code = (err as { code?: string }).code;
+    const user = decodeURIComponent(new URL(url).username) || "(the URL's default user)";
+    if (code === "22023") {
+      throw new StartError(
+        `the role ${role} (DATABASE_ROLE) does not exist; run \`npm run migrate\` as the database's owner, which creates it`,
+      );
+    }
+    if (code === "42501") {
+      throw new StartError(
+        `DATABASE_URL's user ${user} may not act as ${role} (DATABASE_ROLE); as the owner, run: grant ${role} to ${user}`,
+      );
+    }
+    throw err;
+  }
+}
+
 /**
  * Opens the database and makes sure its schema is current: the embedded
  * database is migrated (and given the demo data the first time); a
  * DATABASE_URL whose schema is behind stops the start with what to run.
+ * The pool it returns acts as DATABASE_ROLE (the background jobs use it);
+ * migrations ran as the URL's user, the owner.
  */
 export async function prepareDatabase(config: Config, options: OpenOptions = {}): Promise<PreparedDatabase> {
   const db = await openDatabase(config, options);
+  let asRole: Sql | undefined;
   try {
     if (db.embedded) {
       await migrate(db.sql);
       if (await loadDemoDataOnce(db.sql)) options.onNotice?.("loaded the demo data set (3 tenants, 18 keys)");
-    } else {
-      const pending = await pendingMigrations(db.sql);
+    }
+    // The embedded database's URL names its superuser; the service logs in
+    // as a login of its own instead, which can act as the service's role
+    // and nothing more.
+    const role = config.databaseRole;
+    const url = role !== undefined && db.embedded ? await embeddedServiceLogin(db.sql, db.url, role) : db.url;
+    asRole = role === undefined ? undefined : await openAsRole(url, role, config, options);
+    if (!db.embedded) {
+      const pending = await pendingMigrations(asRole ?? db.sql);
       if (pending.length > 0) {
         throw new StartError(
           `the database schema is behind: ${pending.length} migration(s) not applied (${pending.map((m) => m.file).join(", ")}). ` +
@@ -135,8 +197,20 @@ export async function prepareDatabase(config: Config, options: OpenOptions = {})
         );
       }
     }
-    return db;
+    if (asRole === undefined) return db;
+    const sql = asRole;
+    await db.sql.end({ timeout: 5 });
+    return {
+      ...db,
+      url,
+      sql,
+      close: async () => {
+        await sql.end({ timeout: 5 });
+        await db.embedded?.stop();
+      },
+    };
   } catch (err) {
+    await asRole?.end({ timeout: 1 });
     await db.close();
     throw err;
   }

@@ -17,6 +17,8 @@ export async function startTestService(
       databaseUrl,
       host: "127.0.0.1",
       port: 0,
+      // The tests connect as a superuser; the service acts as its own role, as in production.
+      databaseRole: "keys_driver_service",
       poolMax: 10,
       statementTimeoutMs: 30_000,
       pageTokenSecret: undefined,
