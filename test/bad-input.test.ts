@@ -226,6 +226,13 @@ describe("the bad-input table", () => {
     },
     {
       rpc: "UpdateKeyFrozen",
+      what: "frozen_at before the key was created",
+      request: () => ({ tenantId: t, keyId: key, frozenAt: "1970-01-01T00:00:00Z" }),
+      code: Code.InvalidArgument,
+      names: "frozen_at",
+    },
+    {
+      rpc: "UpdateKeyFrozen",
       what: "malformed etag",
       request: () => ({ tenantId: t, keyId: key, etag: "1" }),
       code: Code.InvalidArgument,

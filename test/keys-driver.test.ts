@@ -527,7 +527,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("keeps the caller's frozen_at to the microsecond", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(service.db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId, createdAt: "2025-06-01 00:00:00+00" });
           const res = await client.call("UpdateKeyFrozen", {
             tenantId,
             keyId,
@@ -538,7 +538,7 @@ describe(`${svc} over the gRPC protocol`, () => {
 
         it("a frozen key stays frozen, with its first frozen_at, when the freeze is retried", async () => {
           const tenantId = newTenant();
-          const keyId = await insertKey(service.db.sql, { tenantId });
+          const keyId = await insertKey(service.db.sql, { tenantId, createdAt: "2025-06-01 00:00:00+00" });
           const first = await client.call("UpdateKeyFrozen", {
             tenantId,
             keyId,

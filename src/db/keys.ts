@@ -44,6 +44,8 @@ export interface FreezeChange {
 export type FreezeOutcome =
   | { readonly kind: "not_found" }
   | { readonly kind: "stale" }
+  /** A freeze's frozen_at before the key was created: nothing written. */
+  | { readonly kind: "frozen_before_creation" }
   | { readonly kind: "done"; readonly key: KeyRow; readonly changed: boolean };
 
 /**
@@ -166,12 +168,21 @@ function wakeFeedReaders(sql: Sql): void {
 // before-image are exact even when another write just landed. A repeated
 // freeze rewrites the row with the values it has, which the version trigger
 // sees as no change: `changed` compares the versions before and after.
-async function applyFreeze(sql: Sql, change: FreezeChange, set: ReturnType<Sql>): Promise<FreezeOutcome> {
+async function applyFreeze(
+  sql: Sql,
+  change: FreezeChange & { readonly frozenAtUs?: Micros },
+  set: ReturnType<Sql>,
+): Promise<FreezeOutcome> {
   const versionCheck =
     change.expectedVersion === undefined
       ? sql``
       : sql`and locked.locked_version = ${change.expectedVersion.toString()}::int8`;
-  type Result = Partial<KeyRow> & { found: boolean; locked_version: bigint | null };
+  // A key cannot have been frozen before it existed (a key already frozen keeps its freeze).
+  const frozenAtCheck =
+    change.frozenAtUs === undefined
+      ? sql``
+      : sql`and (is_frozen or ${timestampAt(sql, change.frozenAtUs)} >= created_at)`;
+  type Result = Partial<KeyRow> & { key_created_us: bigint | null; locked_version: bigint | null };
   const [row]: [Result?] = await sql`
     with updated as (
       update api_keys
@@ -186,22 +197,27 @@ async function applyFreeze(sql: Sql, change: FreezeChange, set: ReturnType<Sql>)
       where tenant_id = ${change.tenantId}
         and id = locked.locked_id
         ${versionCheck}
+        ${frozenAtCheck}
       returning ${keyColumns(sql)}, locked.locked_version
     )
     select
-      exists (
-        select
+      (
+        select epoch_micros(created_at)
         from api_keys
         where tenant_id = ${change.tenantId}
           and id = ${change.keyId}
-      ) as found,
+      ) as key_created_us,
       updated.*
     from (values (1)) as one
     left join updated on true
   `;
-  if (!row?.found) return { kind: "not_found" };
-  if (!row.id) return { kind: "stale" };
-  const { found: _found, locked_version, ...key } = row;
+  const createdUs = row?.key_created_us;
+  if (createdUs === null || createdUs === undefined) return { kind: "not_found" };
+  if (!row?.id) {
+    const early = change.frozenAtUs !== undefined && change.frozenAtUs < createdUs;
+    return { kind: early ? "frozen_before_creation" : "stale" };
+  }
+  const { key_created_us: _created, locked_version, ...key } = row;
   const keyRow = key as KeyRow;
   const changed = keyRow.version !== locked_version;
   if (changed) wakeFeedReaders(sql);

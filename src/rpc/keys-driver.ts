@@ -60,6 +60,8 @@ function freezeResult(outcome: FreezeOutcome) {
   switch (outcome.kind) {
     case "not_found":
       throw notFound("key");
+    case "frozen_before_creation":
+      throw invalidArgument("frozen_at", "must not be before the key was created");
     case "stale":
       throw rpcError(Code.Aborted, "etag is stale: the key changed since it was read; nothing was written", {
         reason: "ETAG_MISMATCH",

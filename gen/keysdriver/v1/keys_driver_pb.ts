@@ -533,7 +533,8 @@ export type UpdateKeyFrozenRequest = Message<"keysdriver.v1.UpdateKeyFrozenReque
   /**
    * Optional. When the freeze took effect, e.g. when an incident began;
    * unset means the database's clock. Not in the future (5 minutes' clock
-   * skew allowed). Ignored when the key is already frozen.
+   * skew allowed), nor before the key was created. Ignored when the key is
+   * already frozen.
    *
    * @generated from field: google.protobuf.Timestamp frozen_at = 3;
    */
