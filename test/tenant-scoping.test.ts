@@ -1,10 +1,11 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { expect } from "chai";
+import fc from "fast-check";
 import { rollUpClosedDays } from "../src/jobs/rollup.js";
 import type { RunningService } from "../src/service.js";
-import { grpcJsCaller, type JsonCaller } from "./support/clients.js";
+import { connectProtocolCaller, grpcJsCaller, type JsonCaller, RpcError } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
-import { insertCalls, insertKeysAt, newTenant } from "./support/fixtures.js";
+import { insertCalls, insertKey, insertKeysAt, newTenant } from "./support/fixtures.js";
 import { startTestService } from "./support/service.js";
 
 const tenantTables = [
@@ -115,6 +116,104 @@ describe("every statement on the request path is scoped to one tenant", () => {
     expect(onTenantTables.length, "statements seen").to.be.at.least(9);
     for (const statement of onTenantTables) {
       expect(tenantPredicates(statement), statement).to.be.at.least(references(statement));
+    }
+  });
+});
+
+describe("a request naming one tenant never reaches another tenant's key, whatever the ids", function () {
+  this.timeout(10 * 60_000);
+  const runs = Math.max(50, Math.floor(Number(process.env.FUZZ_RUNS ?? 1000) / 4));
+  let db: TestDatabase;
+  let server: RunningService;
+  const callers: JsonCaller[] = [];
+  const tenants = [newTenant(), newTenant(), newTenant()];
+  const keys: { tenantId: string; keyId: string }[] = [];
+  let initial: string;
+
+  /** Every key's state and its count of changes: what no refused request may alter. */
+  const state = async () =>
+    JSON.stringify(
+      await db.sql`
+        select k.id, k.is_frozen, k.frozen_at, k.version, k.freeze_reason,
+          (select count(*) from key_events e where e.tenant_id = k.tenant_id and e.key_id = k.id) as changes
+        from api_keys k
+        order by k.id
+      `,
+      (_k, v) => (typeof v === "bigint" ? String(v) : v),
+    );
+
+  before(async () => {
+    db = await createTestDatabase();
+    server = await startTestService(db.url, { watchProgressIntervalMs: 100 });
+    callers.push(grpcJsCaller(server.address), connectProtocolCaller(server.address));
+    for (const tenantId of tenants) {
+      for (let i = 0; i < 2; i++) {
+        const keyId = await insertKey(db.sql, { tenantId, isFrozen: i === 1 });
+        await insertCalls(db.sql, tenantId, keyId, [{ costCents: "7", at: "2026-01-02 00:00:00+00" }]);
+        keys.push({ tenantId, keyId });
+      }
+    }
+    initial = await state();
+  });
+  after(async () => {
+    for (const c of callers) c.close();
+    await server?.close(1000);
+    await db?.drop();
+  });
+
+  // Every rpc that names a key, with the key of another tenant.
+  const keyed: Record<string, (tenantId: string, keyId: string) => JsonObject> = {
+    FetchKeyById: (tenantId, keyId) => ({ tenantId, keyId }),
+    FetchKeyForUpdate: (tenantId, keyId) => ({ tenantId, keyId }),
+    FetchKeyUsage: (tenantId, keyId) => ({ tenantId, keyId, since: "2026-01-01T00:00:00Z" }),
+    UpdateKeyFrozen: (tenantId, keyId) => ({ tenantId, keyId, reason: "not yours" }),
+    UpdateKeyUnfrozen: (tenantId, keyId) => ({ tenantId, keyId, reason: "not yours" }),
+    ListKeyChanges: (tenantId, keyId) => ({ tenantId, keyId }),
+    FetchUsageReport: (tenantId, keyId) => ({ tenantId, keyIds: [keyId], since: "2026-01-01T00:00:00Z" }),
+  };
+
+  it("answers NOT_FOUND on every rpc and protocol, and changes nothing", async () => {
+    const wrong: string[] = [];
+    await fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom(...tenants),
+        fc.constantFrom(...keys),
+        fc.constantFrom(...Object.keys(keyed), "WatchKeys"),
+        fc.constantFrom(...callers),
+        fc.boolean(),
+        async (tenantId, key, rpc, caller, upper) => {
+          if (key.tenantId === tenantId) return;
+          // The id as given, or in capitals: the same key to a UUID parser.
+          const keyId = upper ? key.keyId.toUpperCase() : key.keyId;
+          try {
+            if (rpc === "WatchKeys") {
+              const stream = caller.open("WatchKeys", { tenantId, keyIds: [keyId], sendInitialState: true });
+              try {
+                // A key of another tenant is no key of this one: nothing of it comes, only the markers.
+                const first = await stream.next();
+                if (first?.current || first?.change) wrong.push(`WatchKeys sent ${JSON.stringify(first)}`);
+              } finally {
+                stream.cancel();
+              }
+              return;
+            }
+            const answer = await caller.call(rpc, keyed[rpc]?.(tenantId, keyId) ?? {});
+            wrong.push(`${rpc} over ${caller.name} answered ${JSON.stringify(answer).slice(0, 200)}`);
+          } catch (err) {
+            if (!(err instanceof RpcError) || err.code !== 5) wrong.push(`${rpc} over ${caller.name}: ${err}`);
+          }
+        },
+      ),
+      { numRuns: runs, seed: Number(process.env.FUZZ_SEED ?? Date.now() % 1_000_000) },
+    );
+    expect(wrong.slice(0, 5)).to.deep.equal([]);
+    expect(await state()).to.equal(initial);
+    // And the lists and counts name only the tenant's own keys.
+    for (const tenantId of tenants) {
+      const own = keys.filter((k) => k.tenantId === tenantId).map((k) => k.keyId);
+      const listed = await callers[0]?.call("FetchKeys", { tenantId });
+      expect((listed?.keys as JsonObject[]).map((k) => k.id)).to.have.members(own);
+      expect((await callers[0]?.call("CountKeys", { tenantId }))?.count).to.equal(String(own.length));
     }
   });
 });
