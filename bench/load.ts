@@ -22,6 +22,14 @@ export interface LoadPlan {
   readonly durationMs: number;
   /** Throughput is also reported per bucket of this length (soak mode). */
   readonly bucketMs: number;
+  /**
+   * Open loop: start this many calls a second whatever the answers (as
+   * independent callers do), instead of `concurrency` calls in flight; at
+   * most `maxOutstanding` unanswered at once (more are counted as
+   * "not-sent").
+   */
+  readonly arrivalsPerSecond?: number;
+  readonly maxOutstanding?: number;
 }
 
 /** What came out. */
@@ -33,6 +41,9 @@ export interface LoadResult {
   readonly p99Ms: number;
   /** Completed calls by grpc-status ("0" = OK). */
   readonly statuses: Record<string, number>;
+  /** The 99th percentile latency of the calls answered OK, and of the rest. */
+  readonly okP99Ms: number;
+  readonly failedP99Ms: number;
   /** Calls completed in each bucket, after warm-up. */
   readonly buckets: number[];
   /** CPU the generator itself used, per call, in microseconds. */
@@ -46,20 +57,38 @@ function percentile(sorted: Float64Array, p: number): number {
 
 async function run(plan: LoadPlan): Promise<LoadResult> {
   const frames = plan.calls.map((c) => ({ path: c.path, body: Buffer.from(c.frame, "base64") }));
+  // A connection the server closes (GOAWAY) is replaced; how often is reported.
+  let connectionsLost = 0;
+  const connect = () => {
+    const session = http2.connect(`http://${plan.address}`);
+    session.on("error", () => {});
+    session.on("goaway", () => connectionsLost++);
+    return session;
+  };
   const sessions = await Promise.all(
     Array.from({ length: plan.connections }, () => {
-      const session = http2.connect(`http://${plan.address}`);
-      session.on("error", () => {});
+      const session = connect();
       return new Promise<http2.ClientHttp2Session>((resolve, reject) => {
         session.once("connect", () => resolve(session));
         session.once("error", reject);
       });
     }),
   );
+  const sessionFor = (i: number): http2.ClientHttp2Session => {
+    const at = i % sessions.length;
+    let session = sessions[at] as http2.ClientHttp2Session;
+    if (session.destroyed || session.closed) {
+      session = connect();
+      sessions[at] = session;
+    }
+    return session;
+  };
 
   let next = 0;
   let latencies = new Float64Array(1 << 16);
   let recorded = 0;
+  const okLatencies: number[] = [];
+  const failedLatencies: number[] = [];
   const statuses: Record<string, number> = {};
   const start = performance.now();
   const measureFrom = start + plan.warmupMs;
@@ -76,13 +105,52 @@ async function run(plan: LoadPlan): Promise<LoadResult> {
       latencies = grown;
     }
     latencies[recorded++] = now - began;
+    (status === "0" ? okLatencies : failedLatencies).push(now - began);
     statuses[status] = (statuses[status] ?? 0) + 1;
     const bucket = Math.floor((now - measureFrom) / plan.bucketMs);
     if (bucket < buckets.length) buckets[bucket] = (buckets[bucket] ?? 0) + 1;
   };
 
   let warm = false;
-  const loop = (session: http2.ClientHttp2Session, done: () => void) => {
+  /** Sends one call on connection `connection`; `then` runs when it has closed. */
+  const send = (connection: number, then: () => void) => {
+    const call = frames[next++ % frames.length];
+    if (!call) return then();
+    const began = performance.now();
+    let status = "no-status";
+    let stream: http2.ClientHttp2Stream;
+    try {
+      stream = sessionFor(connection).request({
+        ":method": "POST",
+        ":path": call.path,
+        "content-type": "application/grpc",
+        te: "trailers",
+      });
+    } catch {
+      // A connection closing under the call: counted, and the next call gets a new one.
+      record(began, "stream-error");
+      setImmediate(then);
+      return;
+    }
+    stream.on("response", (headers) => {
+      const s = headers["grpc-status"]; // trailers-only responses
+      if (s !== undefined) status = String(s);
+    });
+    stream.on("trailers", (trailers) => {
+      const s = trailers["grpc-status"];
+      if (s !== undefined) status = String(s);
+    });
+    stream.on("data", () => {});
+    stream.on("error", () => {
+      status = "stream-error";
+    });
+    stream.on("close", () => {
+      record(began, status);
+      then();
+    });
+    stream.end(call.body);
+  };
+  const loop = (connection: number, done: () => void) => {
     const fire = () => {
       const now = performance.now();
       if (!warm && now >= measureFrom) {
@@ -90,43 +158,55 @@ async function run(plan: LoadPlan): Promise<LoadResult> {
         cpuStart = process.cpuUsage();
       }
       if (now >= stopAt) return done();
-      const call = frames[next++ % frames.length];
-      if (!call) return done();
-      const began = now;
-      let status = "no-status";
-      const stream = session.request({
-        ":method": "POST",
-        ":path": call.path,
-        "content-type": "application/grpc",
-        te: "trailers",
-      });
-      stream.on("response", (headers) => {
-        const s = headers["grpc-status"]; // trailers-only responses
-        if (s !== undefined) status = String(s);
-      });
-      stream.on("trailers", (trailers) => {
-        const s = trailers["grpc-status"];
-        if (s !== undefined) status = String(s);
-      });
-      stream.on("data", () => {});
-      stream.on("error", () => {
-        status = "stream-error";
-      });
-      stream.on("close", () => {
-        record(began, status);
-        fire();
-      });
-      stream.end(call.body);
+      send(connection, fire);
     };
     fire();
   };
 
-  await Promise.all(
-    Array.from({ length: plan.concurrency }, (_, i) => {
-      const session = sessions[i % sessions.length] as http2.ClientHttp2Session;
-      return new Promise<void>((resolve) => loop(session, resolve));
-    }),
-  );
+  if (plan.arrivalsPerSecond === undefined) {
+    await Promise.all(
+      Array.from({ length: plan.concurrency }, (_, i) => {
+        return new Promise<void>((resolve) => loop(i, resolve));
+      }),
+    );
+  } else {
+    // Open loop: every millisecond, start the calls due by then.
+    const rate = plan.arrivalsPerSecond;
+    const maxOutstanding = plan.maxOutstanding ?? 10_000;
+    let started = 0;
+    let outstanding = 0;
+    let skipped = 0;
+    await new Promise<void>((resolve) => {
+      const tick = setInterval(() => {
+        const now = performance.now();
+        if (!warm && now >= measureFrom) {
+          warm = true;
+          cpuStart = process.cpuUsage();
+        }
+        if (now >= stopAt) {
+          clearInterval(tick);
+          const drained = setInterval(() => {
+            if (outstanding === 0) {
+              clearInterval(drained);
+              resolve();
+            }
+          }, 5);
+          return;
+        }
+        const due = Math.floor(((now - start) / 1000) * rate);
+        for (; started < due; started++) {
+          if (outstanding >= maxOutstanding) {
+            if (now >= measureFrom) skipped++;
+            continue;
+          }
+          outstanding++;
+          send(started, () => outstanding--);
+        }
+      }, 1);
+    });
+    if (skipped > 0) statuses["not-sent"] = skipped;
+  }
+  if (connectionsLost > 0) statuses["connection-closed-by-server"] = connectionsLost;
   const cpu = process.cpuUsage(cpuStart);
   for (const s of sessions) s.close();
 
@@ -139,6 +219,8 @@ async function run(plan: LoadPlan): Promise<LoadResult> {
     p50Ms: percentile(sorted, 0.5),
     p99Ms: percentile(sorted, 0.99),
     statuses,
+    okP99Ms: percentile(Float64Array.from(okLatencies).sort(), 0.99),
+    failedP99Ms: percentile(Float64Array.from(failedLatencies).sort(), 0.99),
     buckets,
     generatorCpuUsPerCall: recorded ? (cpu.user + cpu.system) / recorded : 0,
   };

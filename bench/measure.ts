@@ -73,7 +73,8 @@ export function stopProcess(child: ChildProcess): Promise<void> {
   });
 }
 
-function runLoad(plan: LoadPlan): Promise<LoadResult> {
+/** Runs the load generator (bench/load.ts) in its own process. */
+export function runLoad(plan: LoadPlan): Promise<LoadResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ["--import", "./src/preload.js", "bench/load.ts"], {
       stdio: ["pipe", "pipe", "inherit"],

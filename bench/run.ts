@@ -6,7 +6,10 @@
 // with pgbench, and reports (bench/report.ts). Scenarios: bench/scenarios.ts;
 // how each is measured: bench/measure.ts. Exits 1 when any call fails or a
 // target is missed.
+import { writeFile } from "node:fs/promises";
+import path from "node:path";
 import { parseArgs } from "node:util";
+import { runSoak } from "../reliability/soak.js";
 import { createSql } from "../src/db/client.js";
 import { findServiceSecret } from "../src/db/secrets.js";
 import { createStore, type Store } from "../src/db/store.js";
@@ -41,8 +44,11 @@ const usage = `npm run bench [-- options]
   --only NAME[,NAME]   only the scenarios whose names contain one of these ("WatchKeys" for the
                        feed's measurements: latency, fan-out, memory per stream, freeze throughput;
                        "Reports" for FetchUsageReport's against the GROUP BY it replaces)
-  --soak               also drive FetchKeyById for --soak-seconds and compare the last minute with the first
-  --soak-seconds N     length of the soak (default 330)
+  --soak               also drive FetchKeyById for --soak-seconds and compare the last minute with the first,
+                       then run the reliability soak: writers, readers, watchers and a fault every 100 s
+                       on a PostgreSQL of its own for --mixed-soak-seconds (reliability/soak.ts)
+  --soak-seconds N     length of the FetchKeyById soak (default 330)
+  --mixed-soak-seconds N  length of the reliability soak (default 600)
   --out DIR            where results.json and latency.svg go (default bench-results)
   --help               this text
 
@@ -57,6 +63,7 @@ const { values: args } = parseArgs({
     only: { type: "string", default: "" },
     soak: { type: "boolean", default: false },
     "soak-seconds": { type: "string", default: "330" },
+    "mixed-soak-seconds": { type: "string", default: "600" },
     out: { type: "string", default: "bench-results" },
     help: { type: "boolean", default: false },
   },
@@ -237,6 +244,15 @@ async function main(): Promise<number> {
       args.out,
     );
     if (!met) failed = true;
+    if (args.soak) {
+      console.error(`soak: reads, freezes, watchers and faults for ${args["mixed-soak-seconds"]}s ...`);
+      const mixed = await runSoak(Number(args["mixed-soak-seconds"]), (line) => console.error(line));
+      await writeFile(path.join(args.out, "soak.json"), `${JSON.stringify(mixed, null, 2)}\n`);
+      console.error(
+        `soak: ${mixed.calls} calls (${JSON.stringify(mixed.codes)}); acknowledged writes ${mixed.writes.acknowledged}, lost ${mixed.writes.lost}, unseen by watchers ${mixed.writes.unseenByWatchers}; rows of another tenant ${mixed.crossTenant}; memory MB ${mixed.rssMb.join(" ")} (x${mixed.memoryGrowth.toFixed(2)}): ${mixed.ok ? "kept" : "NOT KEPT"}`,
+      );
+      if (!mixed.ok) failed = true;
+    }
   } finally {
     await stopAll();
     await rawSql.end();

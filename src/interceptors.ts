@@ -58,7 +58,7 @@ export class CallAdmission {
 
   /** True, and counted, when the call may run; call release() when it ends. */
   admit(): boolean {
-    if (this.inFlight >= this.limit) return false;
+    if (this.full) return false;
     this.inFlight++;
     return true;
   }
@@ -66,9 +66,15 @@ export class CallAdmission {
   release(): void {
     this.inFlight--;
   }
+
+  /** Whether a call arriving now would be refused. */
+  get full(): boolean {
+    return this.inFlight >= this.limit;
+  }
 }
 
-const overloaded = (limit: number) =>
+/** How a call refused by the cap is answered. */
+export const overloaded = (limit: number) =>
   rpcError(Code.ResourceExhausted, `the service has ${limit} calls in flight, its limit: try again shortly`, {
     reason: "OVERLOADED",
     retryAfterMs: overloadRetryMs,

@@ -2,18 +2,18 @@ import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
 import tls from "node:tls";
-import type { DescService } from "@bufbuild/protobuf";
+import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { type ConnectRouter, createContextValues, type ServiceImpl } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import { type ConnectionLimits, defaultConnectionLimits, StartError } from "./config.js";
-import { CallAdmission, type CallObservers, observeCalls } from "./interceptors.js";
+import { CallAdmission, type CallObservers, observeCalls, overloaded } from "./interceptors.js";
 import { createHealthService, type HealthState } from "./rpc/health.js";
 import { addReflection } from "./rpc/reflection.js";
 import { tlsPeerKey, tlsPeerOfSocket } from "./security/caller.js";
 import type { TlsMaterial } from "./security/tls.js";
-import { grpcServiceFor } from "./transport/grpc.js";
+import { grpcServiceFor, trailersOnlyResponse } from "./transport/grpc.js";
 import { assertConnectFixed } from "./transport/malformed.js";
 
 /** A service and its handlers, to be served. */
@@ -142,6 +142,7 @@ function isGrpc(contentType: string | undefined): boolean {
 function serveNonGrpcStreams(
   server: grpc.Server,
   serve: (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void,
+  refuse: (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => boolean,
 ): void {
   const check = server as unknown as {
     _verifyContentType?: (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => boolean;
@@ -150,12 +151,63 @@ function serveNonGrpcStreams(
     throw new Error("@grpc/grpc-js changed: Server._verifyContentType, which src/server.ts replaces, is gone");
   }
   check._verifyContentType = (stream, headers) => {
-    if (isGrpc(headers["content-type"])) return true;
+    if (isGrpc(headers["content-type"])) return !refuse(stream, headers);
     const rawHeaders = Object.entries(headers).flatMap(([name, value]) =>
       Array.isArray(value) ? value.flatMap((v) => [name, v]) : [name, String(value)],
     );
     serve(new http2.Http2ServerRequest(stream, headers, {}, rawHeaders), new http2.Http2ServerResponse(stream));
     return false;
+  };
+}
+
+/** How often an overloaded process says how many calls it refused. */
+const refusalReportMs = 10_000;
+
+/**
+ * The refusal of a gRPC call that the cap on calls in flight would refuse
+ * anyway, made before grpc-js reads it: a trailers-only RESOURCE_EXHAUSTED
+ * (reason OVERLOADED, RetryInfo) written straight onto the stream, counted
+ * in the metrics, and logged as a count every 10 s rather than a line per
+ * call. Under ten times the load the process can serve, refusing through
+ * grpc-js and the call wrapper cost enough CPU to queue every call, accepted
+ * ones included, for seconds (docs/RELIABILITY.md).
+ */
+function refuseWhenFull(deps: ServerDeps, admission: CallAdmission) {
+  const capped = new Map<string, DescMethod>();
+  for (const { service } of deps.services) {
+    for (const method of service.methods) {
+      if (method.methodKind === "unary") capped.set(`/${service.typeName}/${method.name}`, method);
+    }
+  }
+  const headers = trailersOnlyResponse(overloaded(admission.limit));
+  let refused = 0;
+  let reportedAt = 0;
+  return (stream: http2.ServerHttp2Stream, requestHeaders: http2.IncomingHttpHeaders): boolean => {
+    if (!admission.full) return false;
+    const method = capped.get(requestHeaders[":path"] ?? "");
+    if (!method) return false;
+    // Answered once the request has arrived (its body discarded): an answer
+    // that ends the stream first makes the rest of the request frames on a
+    // closed stream, which Node's HTTP/2 counts against the connection
+    // (maxSessionInvalidFrames) until it closes it.
+    const answer = () => {
+      if (!stream.destroyed && !stream.headersSent) stream.respond({ ...headers }, { endStream: true });
+    };
+    if (stream.readableEnded) answer();
+    else stream.once("end", answer);
+    stream.resume();
+    deps.observers.metrics?.record(method, "RESOURCE_EXHAUSTED", 0);
+    refused++;
+    const now = Date.now();
+    if (now - reportedAt >= refusalReportMs) {
+      deps.observers.logger?.warn(
+        { refused, limit: admission.limit },
+        "overloaded: refused calls past MAX_CALLS_IN_FLIGHT (RESOURCE_EXHAUSTED)",
+      );
+      refused = 0;
+      reportedAt = now;
+    }
+    return true;
   };
 }
 
@@ -195,7 +247,8 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   const connectRoutes: ((router: ConnectRouter) => void)[] = [];
   // The service's unary calls share one cap; health checks are never
   // refused, and need no client certificate (probes have none).
-  const admitted = { ...deps.observers, admission: new CallAdmission(limits.maxCallsInFlight) };
+  const admission = new CallAdmission(limits.maxCallsInFlight);
+  const admitted = { ...deps.observers, admission };
   const probes = { ...deps.observers, access: undefined };
   for (const { service, impl } of [...deps.services, registration(Health, health)]) {
     const handlers = observeCalls(service, impl, service === Health ? probes : admitted);
@@ -242,7 +295,7 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
     { headersTimeout: headersTimeoutMs, requestTimeout: requestTimeoutMs, connectionsCheckingInterval: 1000 },
     serveHttp,
   );
-  serveNonGrpcStreams(grpcServer, serveHttp);
+  serveNonGrpcStreams(grpcServer, serveHttp, refuseWhenFull(deps, admission));
 
   // Node tracks an HTTP server's connections (for the header and request
   // timeouts above, closeIdleConnections and closeAllConnections) from the

@@ -10,6 +10,7 @@ import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1
 import { formatEtag } from "../src/rpc/etag.js";
 import { connectProtocolCaller, failure, grpcJsCaller, type JsonCaller } from "./support/clients.js";
 import { insertCalls, insertKey, newTenant } from "./support/fixtures.js";
+import { recordObservation } from "./support/record.js";
 import { useTestService } from "./support/service.js";
 
 /** One row of the table: a request, the status it gets, and what its message names. */
@@ -444,18 +445,37 @@ describe("the bad-input table", () => {
         for (const c of cases) {
           const call = c.stream ? client.stream(c.rpc, c.request()) : client.call(c.rpc, c.request());
           const err = await failure(call).catch((e: Error) => e);
+          const got = "code" in err ? Code[err.code] : "OK";
+          const message = "code" in err ? err.rawMessage : "";
+          const ok = "code" in err && err.code === c.code && err.rawMessage.includes(c.names);
+          recordObservation({
+            suite: "bad-input",
+            protocol,
+            ...c,
+            request: c.request(),
+            expected: Code[c.code],
+            got,
+            message,
+            ok,
+          });
           if (!("code" in err)) {
             wrong.push(`${c.rpc}, ${c.what}: succeeded`);
             continue;
           }
-          if (err.code !== c.code || !err.rawMessage.includes(c.names)) {
-            wrong.push(`${c.rpc}, ${c.what}: ${Code[err.code]} "${err.rawMessage}"`);
-          }
+          if (!ok) wrong.push(`${c.rpc}, ${c.what}: ${Code[err.code]} "${err.rawMessage}"`);
         }
-        expect(wrong, wrong.join("\n")).to.deep.equal([]);
-        expect(await written()).to.deep.equal(before);
+        const after = await written();
         const health = createClient(Health, createGrpcTransport({ baseUrl: `http://${service.server.address}` }));
-        expect((await health.check({})).status).to.equal(HealthCheckResponse_ServingStatus.SERVING);
+        const status = (await health.check({})).status;
+        recordObservation({
+          suite: "bad-input-after",
+          protocol,
+          nothingWritten: String(Object.values(after[0] ?? {})) === String(Object.values(before[0] ?? {})),
+          healthy: status === HealthCheckResponse_ServingStatus.SERVING,
+        });
+        expect(wrong, wrong.join("\n")).to.deep.equal([]);
+        expect(after).to.deep.equal(before);
+        expect(status).to.equal(HealthCheckResponse_ServingStatus.SERVING);
       });
     });
   }

@@ -23,6 +23,7 @@ import {
 } from "../gen/keysdriver/v1/keys_driver_pb.js";
 import { formatEtag } from "../src/rpc/etag.js";
 import { insertCalls, insertKey, newTenant } from "./support/fixtures.js";
+import { recordObservation } from "./support/record.js";
 import { useTestService } from "./support/service.js";
 
 const runs = Number(process.env.FUZZ_RUNS ?? 1000);
@@ -123,23 +124,43 @@ describe("fuzzing every rpc with generated requests", function () {
     call: (request: MessageShape<D>, signal: AbortSignal) => Promise<unknown>,
   ) {
     const wrong: string[] = [];
+    const statuses: Record<string, number> = {};
+    const seed = Number(process.env.FUZZ_SEED ?? Date.now() % 1_000_000);
+    const started = performance.now();
+    let slowestMs = 0;
     await fc.assert(
       fc.asyncProperty(requests, async (init) => {
         const request = create(schema, init);
+        const began = performance.now();
         try {
           await call(request, AbortSignal.timeout(20_000));
+          statuses.OK = (statuses.OK ?? 0) + 1;
         } catch (err) {
           const code = ConnectError.from(err).code;
+          statuses[Code[code]] = (statuses[Code[code]] ?? 0) + 1;
           if (!callerStatuses.has(code)) {
             wrong.push(`${Code[code]}: ${ConnectError.from(err).rawMessage} for ${shown(request)}`);
           }
+        } finally {
+          slowestMs = Math.max(slowestMs, performance.now() - began);
         }
       }),
-      { numRuns: runs, seed: Number(process.env.FUZZ_SEED ?? Date.now() % 1_000_000) },
+      { numRuns: runs, seed },
     );
-    expect(wrong, wrong.slice(0, 5).join("\n")).to.deep.equal([]);
     const health = createClient(Health, createGrpcTransport({ baseUrl: `http://${service.server.address}` }));
-    expect((await health.check({})).status).to.equal(HealthCheckResponse_ServingStatus.SERVING);
+    const healthy = (await health.check({})).status === HealthCheckResponse_ServingStatus.SERVING;
+    recordObservation({
+      suite: "fuzz",
+      request: schema.typeName,
+      seed,
+      statuses,
+      wrong: wrong.slice(0, 5),
+      healthy,
+      seconds: (performance.now() - started) / 1000,
+      slowestMs,
+    });
+    expect(wrong, wrong.slice(0, 5).join("\n")).to.deep.equal([]);
+    expect(healthy).to.equal(true);
   }
 
   function shown(request: object): string {

@@ -211,9 +211,10 @@ describe("a request naming one tenant never reaches another tenant's key, whatev
     // And the lists and counts name only the tenant's own keys.
     for (const tenantId of tenants) {
       const own = keys.filter((k) => k.tenantId === tenantId).map((k) => k.keyId);
-      const listed = await callers[0]?.call("FetchKeys", { tenantId });
-      expect((listed?.keys as JsonObject[]).map((k) => k.id)).to.have.members(own);
-      expect((await callers[0]?.call("CountKeys", { tenantId }))?.count).to.equal(String(own.length));
+      const reader = callers[0] as JsonCaller;
+      const listed = await reader.call("FetchKeys", { tenantId });
+      expect((listed.keys as JsonObject[]).map((k) => k.id)).to.have.members(own);
+      expect((await reader.call("CountKeys", { tenantId })).count).to.equal(String(own.length));
     }
   });
 });

@@ -1,3 +1,4 @@
+import type http2 from "node:http2";
 import type { DescMessage, DescMethod, DescService, MessageShape } from "@bufbuild/protobuf";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { anyPack } from "@bufbuild/protobuf/wkt";
@@ -65,6 +66,22 @@ function toServiceError(err: unknown): Partial<grpc.ServiceError> {
 }
 
 const statusDetailsKey = "grpc-status-details-bin";
+
+/**
+ * The headers of a trailers-only gRPC response with `error`'s status and
+ * details: an answer written straight onto an HTTP/2 stream, without a
+ * grpc-js call (the refusals of an overloaded process, src/server.ts).
+ */
+export function trailersOnlyResponse(error: ConnectError): http2.OutgoingHttpHeaders {
+  const withDetails = withErrorDetails(error);
+  return {
+    ":status": 200,
+    "content-type": "application/grpc+proto",
+    "grpc-status": String(withDetails.code),
+    "grpc-message": encodeURIComponent(withDetails.rawMessage),
+    [statusDetailsKey]: Buffer.from(statusMetadata(withDetails).get(statusDetailsKey)[0] as Buffer).toString("base64"),
+  };
+}
 
 function statusMetadata(error: ConnectError): grpc.Metadata {
   const status = create(StatusSchema, {
