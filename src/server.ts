@@ -168,9 +168,9 @@ const refusalReportMs = 10_000;
  * anyway, made before grpc-js reads it: a trailers-only RESOURCE_EXHAUSTED
  * (reason OVERLOADED, RetryInfo) written straight onto the stream, counted
  * in the metrics, and logged as a count every 10 s rather than a line per
- * call. Under ten times the load the process can serve, refusing through
- * grpc-js and the call wrapper cost enough CPU to queue every call, accepted
- * ones included, for seconds (docs/RELIABILITY.md).
+ * call. Under overload, refusals are most of the calls: this way one costs
+ * less than half the CPU of a refusal through grpc-js and the call wrapper
+ * (docs/DESIGN.md, "Overload and faults").
  */
 function refuseWhenFull(deps: ServerDeps, admission: CallAdmission) {
   const capped = new Map<string, DescMethod>();
@@ -195,7 +195,15 @@ function refuseWhenFull(deps: ServerDeps, admission: CallAdmission) {
     };
     if (stream.readableEnded) answer();
     else stream.once("end", answer);
-    stream.resume();
+    // A body larger than any request may be is not waited for.
+    let received = 0;
+    stream.on("data", (chunk: Buffer) => {
+      received += chunk.length;
+      if (received > maxRequestBytes + 5) {
+        answer();
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+      }
+    });
     deps.observers.metrics?.record(method, "RESOURCE_EXHAUSTED", 0);
     refused++;
     const now = Date.now();
