@@ -322,9 +322,24 @@ function wrapStream(method: DescMethod, handler: StreamHandler, observers: CallO
   return async function* (request, context) {
     const call = new CallObservation(method, observers, context);
     try {
-      observers.access?.check(method, context, request);
+      const access = observers.access;
+      access?.check(method, context, request);
       rejectMalformed(request, method.input.typeName);
-      yield* handler(request, context);
+      if (!access) {
+        yield* handler(request, context);
+        return;
+      }
+      // A stream outlives policies: after a reload, its caller is checked
+      // again before its next message (a PROGRESS marker at the latest),
+      // and one the new policy denies ends PERMISSION_DENIED.
+      let checked = access.generation;
+      for await (const message of handler(request, context)) {
+        if (access.generation !== checked) {
+          checked = access.generation;
+          access.check(method, context, request);
+        }
+        yield message;
+      }
     } catch (err) {
       // A stream the client left fails in whatever way writing to it
       // failed: that is its cancel, not a fault.

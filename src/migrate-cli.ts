@@ -13,6 +13,11 @@ try {
     await db.close();
   }
 } catch (err) {
-  console.error(err instanceof StartError ? `migrate: ${err.message}` : err);
+  // A migration the database refused (a missing right, a role to create) is one line, with PostgreSQL's hint.
+  const refused = err as { name?: string; message?: string; hint?: string };
+  if (err instanceof StartError) console.error(`migrate: ${err.message}`);
+  else if (refused.name === "PostgresError")
+    console.error(`migrate: ${refused.message}${refused.hint ? `. ${refused.hint}` : ""}`);
+  else console.error(err);
   process.exitCode = 1;
 }

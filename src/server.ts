@@ -320,6 +320,10 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   // Sorts a connection by its first (decrypted, on TLS) bytes: ALPN h2 and
   // prior-knowledge h2c both open with the HTTP/2 preface.
   const accept = (socket: net.Socket) => {
+    // TLS 1.2 lets a client renegotiate with another certificate on the same
+    // connection, after which Node still reports the first handshake's
+    // verdict for the new, unverified certificate: no renegotiation.
+    if (socket instanceof tls.TLSSocket) socket.disableRenegotiation();
     socket.setNoDelay(true);
     undecided.add(socket);
     const silent = setTimeout(() => socket.destroy(), firstBytesTimeoutMs);

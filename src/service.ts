@@ -189,13 +189,19 @@ async function startSecurity(config: ServiceConfig, logError: ErrorLogger) {
   const reloads = await watchFiles(
     watched,
     config.tlsReloadIntervalMs ?? 10_000,
+    // Each is applied on its own: a typo in the policy must not keep a
+    // renewed certificate out (and let the old one expire), nor the reverse.
     async () => {
-      const material = await readTlsMaterial(files);
-      const policy = policyFile === undefined ? undefined : await readAccessPolicy(policyFile, services);
-      applyTls(material);
-      if (policy) access?.replacePolicy(policy);
+      await readTlsMaterial(files).then(applyTls, (err: unknown) =>
+        logError("the TLS files changed but cannot be used; keeping the ones in use", err),
+      );
+      if (policyFile === undefined) return;
+      await readAccessPolicy(policyFile, services).then(
+        (policy) => access?.replacePolicy(policy),
+        (err: unknown) => logError("the access policy changed but cannot be used; keeping the one in use", err),
+      );
     },
-    (err) => logError("the TLS files or the access policy changed but cannot be used; keeping the ones in use", err),
+    (err) => logError("the TLS files or the access policy could not be read again", err),
   );
   try {
     const material = await readTlsMaterial(files);

@@ -1,4 +1,5 @@
 import http2 from "node:http2";
+import tls from "node:tls";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
@@ -50,6 +51,8 @@ function callersOver(address: string, ca: string, client?: Issued): JsonCaller[]
 /** One caller (connect-node's gRPC) over TLS. */
 const firstCallerOver = (address: string, ca: string, client?: Issued) =>
   callersOver(address, ca, client)[0] as JsonCaller;
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 async function until(condition: () => Promise<boolean>, ms = 10_000): Promise<void> {
   const deadline = Date.now() + ms;
@@ -237,6 +240,107 @@ describe("mutual TLS and the per-method policy", () => {
     await new Promise<void>((resolve, reject) => session.once("connect", () => resolve()).once("error", reject));
     expect(session.alpnProtocol).to.equal("h2");
     session.close();
+  });
+
+  it("refuses TLS renegotiation: a caller cannot change its certificate on a connection", async () => {
+    const socket = tls.connect({
+      host: "127.0.0.1",
+      port: server.port,
+      ca: ca.cert,
+      cert: certs.gateway.cert,
+      key: certs.gateway.key,
+      maxVersion: "TLSv1.2",
+      ALPNProtocols: ["http/1.1"],
+    });
+    socket.on("error", () => {});
+    await new Promise<void>((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
+    // Refused by the server (with an alert, or by closing the connection): the
+    // client's renegotiation never completes, so its second certificate is never taken.
+    const outcome = await Promise.race([
+      new Promise<string>((resolve) => {
+        const asked = socket.renegotiate({ rejectUnauthorized: true }, (err) =>
+          resolve(err ? "failed" : "renegotiated"),
+        );
+        if (!asked) resolve("not sent");
+      }),
+      new Promise<string>((resolve) => socket.once("close", () => resolve("closed"))),
+      sleep(3000).then(() => "no answer"),
+    ]);
+    expect(outcome).to.not.equal("renegotiated");
+    socket.destroy();
+  });
+
+  it("names a caller by its first URI name, else its first DNS name (in any case), never by another of its names", async () => {
+    // A URI the policy does not list, beside a DNS name it does: the URI is the identity, and it has no grant.
+    const unlisted = await ca.issue({ uris: ["spiffe://platform.internal/unlisted"], dnsNames: [consoleId] });
+    const denied = await failure(
+      firstCallerOver(server.address, ca.cert, unlisted).call("FetchKeyById", { tenantId: tenant, keyId }),
+    );
+    expect(denied.code).to.equal(grpc.status.PERMISSION_DENIED);
+    expect(denied.rawMessage).to.include("spiffe://platform.internal/unlisted");
+    const upper = await ca.issue({ dnsNames: [consoleId.toUpperCase()] });
+    const read = await firstCallerOver(server.address, ca.cert, upper).call("FetchKeyById", {
+      tenantId: tenant,
+      keyId,
+    });
+    expect((read.key as JsonObject).id).to.equal(keyId);
+  });
+
+  it("ends an open stream PERMISSION_DENIED once a new policy denies its caller", async () => {
+    const streams = callersOver(server.address, ca.cert, certs.gateway).map((caller) => ({
+      caller,
+      stream: caller.open("WatchKeys", { tenantId: tenant }),
+    }));
+    for (const { stream } of streams) expect((await stream.next())?.marker).to.equal("WATCH_MARKER_PROGRESS");
+    const without = { callers: policy.callers.filter((c) => c.identity !== gateway) };
+    await files.write("policy.json", JSON.stringify(without));
+    // A change after the reload: the revoked caller's streams end instead of carrying it.
+    await until(async () => {
+      const [c] = callersOver(server.address, ca.cert, certs.gateway);
+      try {
+        return (await failure((c as JsonCaller).call("FetchKeyById", { tenantId: tenant, keyId }))).code === 7;
+      } finally {
+        c?.close();
+      }
+    });
+    const writer = firstCallerOver(server.address, ca.cert, certs.console);
+    await writer.call("UpdateKeyFrozen", { tenantId: tenant, keyId, reason: "after the revocation" });
+    for (const { caller, stream } of streams) {
+      const err = await failure(stream.next(5000));
+      expect(err.code, caller.name).to.equal(grpc.status.PERMISSION_DENIED);
+      caller.close();
+    }
+    await writer.call("UpdateKeyUnfrozen", { tenantId: tenant, keyId });
+    writer.close();
+    await files.write("policy.json", JSON.stringify(policy));
+    await until(async () => {
+      const [c] = callersOver(server.address, ca.cert, certs.gateway);
+      try {
+        return (await (c as JsonCaller).call("FetchKeyById", { tenantId: tenant, keyId })).key !== undefined;
+      } finally {
+        c?.close();
+      }
+    });
+  });
+
+  it("takes a renewed certificate even while the policy file is broken", async () => {
+    loggedErrors.length = 0;
+    await files.write("policy.json", "{ not json");
+    await until(async () => loggedErrors.some((m) => m.includes("access policy")));
+    const renewed = await ca.issue({ server: true, ips: ["127.0.0.1"], dnsNames: ["renewed.local"] });
+    await files.write("server-key.pem", renewed.key);
+    await files.write("server.pem", renewed.cert);
+    await until(async () => {
+      const socket = tls.connect({ host: "127.0.0.1", port: server.port, ca: ca.cert });
+      socket.on("error", () => {});
+      try {
+        await new Promise<void>((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
+        return socket.getPeerCertificate().subjectaltname?.includes("renewed.local") ?? false;
+      } finally {
+        socket.destroy();
+      }
+    });
+    await files.write("policy.json", JSON.stringify(policy));
   });
 
   it("takes a new policy and a new certificate without a restart, and keeps the old ones when the new are broken", async () => {

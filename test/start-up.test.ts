@@ -57,6 +57,34 @@ describe("migrations", () => {
   });
 });
 
+describe("migrations as an owner that may not create roles", () => {
+  it("apply when the service's role exists already, as the README says to make it", async () => {
+    // Any migrated database of the server has made the role.
+    const db = await createTestDatabase({ migrated: false });
+    const owner = `keys_test_owner_${process.pid}`;
+    await db.sql.unsafe(`create role ${owner} login password 'not-a-secret'`);
+    await db.sql.unsafe(`alter database ${new URL(db.url).pathname.slice(1)} owner to ${owner}`);
+    await db.sql.unsafe(`alter schema public owner to ${owner}`);
+    const url = new URL(db.url);
+    url.username = owner;
+    url.password = "not-a-secret";
+    const asOwner = createSql({ url: url.toString(), poolMax: 1, statementTimeoutMs: 0 });
+    try {
+      const applied = await migrate(asOwner);
+      expect(applied.map((m) => m.version)).to.include(7);
+      const [role] = await asOwner`select rolcreaterole from pg_roles where rolname = current_user`;
+      expect(role?.rolcreaterole).to.equal(false);
+    } finally {
+      await asOwner.end();
+      await db.sql.unsafe(`drop owned by ${owner} cascade`);
+      await db.drop();
+      const admin = createSql({ url: db.url.replace(/\/[^/]*$/, "/postgres"), poolMax: 1, statementTimeoutMs: 0 });
+      await admin.unsafe(`drop role if exists ${owner}`);
+      await admin.end();
+    }
+  });
+});
+
 describe("starting the service", () => {
   it("refuses to start on a DATABASE_URL whose schema is behind, and says how to fix it", async () => {
     const db = await createTestDatabase({ migrated: false });

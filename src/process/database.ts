@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { type Config, StartError } from "../config.js";
+import { type Config, StartError, serviceRole } from "../config.js";
 import { createSql, type Sql } from "../db/client.js";
 import { loadDemoDataOnce } from "../schema/demo.js";
 import { migrate, pendingMigrations } from "../schema/migrate.js";
@@ -134,6 +134,24 @@ const embeddedServiceLogin = async (sql: Sql, superuserUrl: string, role: string
 };
 
 /**
+ * The pending migrations, read by the first of `pools` allowed to: the login
+ * may have no right of its own (a member of the service's role), and the
+ * role none yet (a database migrated before migration 0007).
+ */
+async function pendingMigrationsAsAnyOf(pools: Sql[]): Promise<Awaited<ReturnType<typeof pendingMigrations>>> {
+  for (const pool of pools) {
+    try {
+      return await pendingMigrations(pool);
+    } catch (err) {
+      if ((err as { code?: string }).code !== "42501") throw err;
+    }
+  }
+  throw new StartError(
+    "neither DATABASE_URL's user nor DATABASE_ROLE may read schema_migrations: run `npm run migrate` as the database's owner",
+  );
+}
+
+/**
  * A pool on `url` that acts as `role` (DATABASE_ROLE), checked: a user that
  * may not act as it, or a role that does not exist, stops the start with
  * what to grant.
@@ -155,7 +173,9 @@ export async function openAsRole(url: string, role: string, config: Config, opti
     const user = decodeURIComponent(new URL(url).username) || "(the URL's default user)";
     if (code === "22023") {
       throw new StartError(
-        `the role ${role} (DATABASE_ROLE) does not exist; run \`npm run migrate\` as the database's owner, which creates it`,
+        role === serviceRole
+          ? `the role ${role} (DATABASE_ROLE) does not exist; run \`npm run migrate\` as the database's owner, which creates it`
+          : `the role ${role} (DATABASE_ROLE) does not exist; create it, or leave DATABASE_ROLE unset for ${serviceRole}, which \`npm run migrate\` creates`,
       );
     }
     if (code === "42501") {
@@ -189,7 +209,18 @@ export async function prepareDatabase(config: Config, options: OpenOptions = {})
     const url = role !== undefined && db.embedded ? await embeddedServiceLogin(db.sql, db.url, role) : db.url;
     asRole = role === undefined ? undefined : await openAsRole(url, role, config, options);
     if (!db.embedded) {
-      const pending = await pendingMigrations(asRole ?? db.sql);
+      // Acting as the role, a superuser or owner login could still leave it (RESET ROLE): say so.
+      const [login]: [{ name: string; mighty: boolean }?] = await db.sql`
+        select session_user as name, rolsuper or (select current_user = tableowner from pg_tables where tablename = 'api_keys' limit 1) as mighty
+        from pg_roles
+        where rolname = session_user
+      `;
+      if (asRole && login?.mighty) {
+        options.onNotice?.(
+          `DATABASE_URL logs in as ${login.name}, a superuser or the tables' owner: the service acts as ${role}, but for least privilege give it a login of its own (README, "Your own PostgreSQL")`,
+        );
+      }
+      const pending = await pendingMigrationsAsAnyOf([db.sql, ...(asRole ? [asRole] : [])]);
       if (pending.length > 0) {
         throw new StartError(
           `the database schema is behind: ${pending.length} migration(s) not applied (${pending.map((m) => m.file).join(", ")}). ` +

@@ -1,7 +1,7 @@
 import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import { Code, type HandlerContext } from "@connectrpc/connect";
 import { rpcError } from "../errors.js";
-import { callerIdentityKey, identitiesOf, tlsPeerKey } from "./caller.js";
+import { callerIdentityKey, identityOf, tlsPeerKey } from "./caller.js";
 
 /**
  * Mutual TLS and the per-method policy: which caller may call which rpc.
@@ -50,7 +50,8 @@ export class AccessPolicy {
       if (unknownFields.length > 0) throw new PolicyError(`${where} has unknown field "${unknownFields[0]}"`);
       if (typeof identity !== "string" || identity === "")
         throw new PolicyError(`${where}.identity must be a non-empty string`);
-      if (grants.has(identity)) throw new PolicyError(`${where}.identity "${identity}" is listed twice`);
+      if (grants.has(identity.includes(":") ? identity : identity.toLowerCase()))
+        throw new PolicyError(`${where}.identity "${identity}" is listed twice`);
       if (!Array.isArray(methods) || methods.some((m) => typeof m !== "string"))
         throw new PolicyError(`${where}.methods must be an array of rpc names (or "*")`);
       for (const m of methods as string[]) {
@@ -59,7 +60,8 @@ export class AccessPolicy {
       }
       if (allTenants !== undefined && typeof allTenants !== "boolean")
         throw new PolicyError(`${where}.allTenants must be true or false`);
-      grants.set(identity, {
+      // DNS names are case-insensitive; a certificate's is compared in lower case.
+      grants.set(identity.includes(":") ? identity : identity.toLowerCase(), {
         methods: (methods as string[]).includes("*") ? "all" : new Set(methods as string[]),
         allTenants: allTenants === true,
       });
@@ -67,13 +69,9 @@ export class AccessPolicy {
     return new AccessPolicy(grants);
   }
 
-  /** The first of the caller's names the policy lists, and its grant. */
-  grantOf(identities: readonly string[]): { identity: string; grant: Grant } | undefined {
-    for (const identity of identities) {
-      const grant = this.grants.get(identity);
-      if (grant) return { identity, grant };
-    }
-    return undefined;
+  /** The grant of a caller's identity, if the policy lists it. */
+  grantOf(identity: string): Grant | undefined {
+    return this.grants.get(identity);
   }
 }
 
@@ -105,37 +103,43 @@ const certificateRequired = () =>
  * The policy can be replaced while the service runs (the reload).
  */
 export class AccessControl {
+  /** Counts the policy's replacements: an open stream is checked again after one. */
+  generation = 0;
+
   constructor(private policy: AccessPolicy | undefined) {}
 
   replacePolicy(policy: AccessPolicy): void {
     this.policy = policy;
+    this.generation++;
   }
 
   /** Checks the call; the caller's identity is left in the context for the handler (the actor of a freeze). */
   check(method: DescMethod, context: HandlerContext | undefined, request: unknown): void {
     const peer = context?.values.get(tlsPeerKey);
     if (!peer?.authorized) throw certificateRequired();
-    const identities = identitiesOf(peer.certificate());
-    const policy = this.policy;
-    let identity = identities[0];
-    if (policy) {
-      const granted = policy.grantOf(identities);
-      const name = identities.length > 0 ? identities.join(", ") : "a certificate with no URI or DNS name";
-      if (!granted || (granted.grant.methods !== "all" && !granted.grant.methods.has(method.name))) {
-        throw rpcError(Code.PermissionDenied, `${name} may not call ${method.name} (AUTH_POLICY_FILE)`, {
-          reason: "METHOD_NOT_ALLOWED",
-          metadata: { method: method.name, identity: identities[0] ?? "" },
-        });
-      }
-      if (!granted.grant.allTenants && asksForAllTenants(request)) {
-        throw rpcError(
-          Code.PermissionDenied,
-          `${granted.identity} may not ask for every tenant at once (allTenants in AUTH_POLICY_FILE)`,
-          { reason: "ALL_TENANTS_NOT_ALLOWED", metadata: { method: method.name, identity: granted.identity } },
-        );
-      }
-      identity = granted.identity;
-    }
+    const identity = identityOf(peer.certificate());
+    this.authorize(method, identity, request);
     if (identity !== undefined) context?.values.set(callerIdentityKey, identity);
+  }
+
+  /** Throws PERMISSION_DENIED unless the policy in force grants `identity` this call. */
+  private authorize(method: DescMethod, identity: string | undefined, request: unknown): void {
+    const policy = this.policy;
+    if (!policy) return;
+    const grant = identity === undefined ? undefined : policy.grantOf(identity);
+    const name = identity ?? "a certificate with no URI or DNS name";
+    if (!grant || (grant.methods !== "all" && !grant.methods.has(method.name))) {
+      throw rpcError(Code.PermissionDenied, `${name} may not call ${method.name} (AUTH_POLICY_FILE)`, {
+        reason: "METHOD_NOT_ALLOWED",
+        metadata: { method: method.name, identity: identity ?? "" },
+      });
+    }
+    if (!grant.allTenants && asksForAllTenants(request)) {
+      throw rpcError(
+        Code.PermissionDenied,
+        `${name} may not ask for every tenant at once (allTenants in AUTH_POLICY_FILE)`,
+        { reason: "ALL_TENANTS_NOT_ALLOWED", metadata: { method: method.name, identity: name } },
+      );
+    }
   }
 }

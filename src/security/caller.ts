@@ -27,6 +27,7 @@ export const callerIdentityKey = createContextKey<string | undefined>(undefined,
 /** What a socket (or HTTP/2's proxy of one) offers when it is TLS. */
 interface TlsSocketLike {
   readonly authorized?: boolean;
+  readonly authorizationError?: Error | null;
   getPeerCertificate?(detailed?: boolean): PeerCertificate;
 }
 
@@ -34,7 +35,7 @@ interface TlsSocketLike {
 export function tlsPeerOfSocket(socket: unknown): TlsPeer | undefined {
   const tls = socket as TlsSocketLike | undefined;
   if (typeof tls?.getPeerCertificate !== "function") return undefined;
-  const authorized = tls.authorized === true;
+  const authorized = tls.authorized === true && !tls.authorizationError;
   return {
     authorized,
     certificate: () => (authorized ? tls.getPeerCertificate?.() : undefined),
@@ -42,14 +43,23 @@ export function tlsPeerOfSocket(socket: unknown): TlsPeer | undefined {
 }
 
 /**
- * The names a certificate gives its holder, in the order access control
- * tries them: URI names (SPIFFE ids) first, then DNS names. Node writes
+ * The identity a certificate gives its holder: its first URI name (a
+ * SPIFFE id), or, without one, its first DNS name (in lower case: DNS names
+ * are case-insensitive); undefined with neither.
+ */
+export function identityOf(certificate: PeerCertificate | undefined): string | undefined {
+  const names = namesOf(certificate);
+  return names.uris[0] ?? names.dnsNames[0]?.toLowerCase();
+}
+
+/**
+ * The URI and DNS names of a certificate. Node writes
  * subjectaltname as `URI:spiffe://a/b, DNS:x.example`, quoting (as JSON) a
  * value with a comma, quote or other unusual character in it.
  */
-export function identitiesOf(certificate: PeerCertificate | undefined): string[] {
+function namesOf(certificate: PeerCertificate | undefined): { uris: string[]; dnsNames: string[] } {
   const text = certificate?.subjectaltname;
-  if (!text) return [];
+  if (!text) return { uris: [], dnsNames: [] };
   const uris: string[] = [];
   const dnsNames: string[] = [];
   // Every entry, of every kind (IP Address, email, ...), so that none stops the scan.
@@ -69,5 +79,5 @@ export function identitiesOf(certificate: PeerCertificate | undefined): string[]
     else if (value !== "" && kind === "DNS") dnsNames.push(value);
     match = entry.exec(text);
   }
-  return [...uris, ...dnsNames];
+  return { uris, dnsNames };
 }

@@ -7,12 +7,17 @@
 -- A later migration that adds a table the service uses grants this role
 -- what it needs there, as this one does.
 
+-- Roles belong to the whole server: another database's migration, or a
+-- superuser, may have made it already (PostgreSQL checks the right to create
+-- a role before it checks the name, so the lookup comes first).
 do $$
 begin
+  if exists (select from pg_roles where rolname = 'keys_driver_service') then
+    return;
+  end if;
   create role keys_driver_service nologin;
 exception
-  -- Roles belong to the whole server: another database's migration, or a
-  -- concurrent one, may have made it.
+  -- A concurrent migration made it first.
   when duplicate_object or unique_violation then null;
   when insufficient_privilege then
     raise exception 'the role keys_driver_service does not exist and % may not create it',
@@ -28,6 +33,10 @@ begin
   end if;
 end
 $$;
+
+-- Nothing here lets it create objects in the schema. (Like every role, it
+-- may make temporary tables of its own session, PostgreSQL's default for
+-- PUBLIC, which touch no one else's data.)
 
 -- Keys: every column but the hash is read; only the kill switch's columns
 -- are written (the version trigger bumps version itself). A row lock
