@@ -53,8 +53,6 @@ export interface RunningServer {
   readonly port: number;
   /** "host:port", for clients. */
   readonly address: string;
-  /** Whether connections are TLS. */
-  readonly secure: boolean;
   /** New connections use this certificate, key and client CA (a reload); open ones keep theirs. */
   setTls(material: TlsMaterial): void;
   /**
@@ -419,7 +417,6 @@ export async function startServer(deps: ServerDeps): Promise<RunningServer> {
   return {
     port: bound.port,
     address: `${host}:${bound.port}`,
-    secure: deps.tls !== undefined,
     setTls(material) {
       if (listener instanceof tls.Server) listener.setSecureContext(material.options);
     },

@@ -98,7 +98,7 @@ export async function startService(config: ServiceConfig, hooks: ServiceHooks = 
   let probe: { close(): Promise<void> } | undefined;
   let reloads: { close(): void } | undefined;
   try {
-    const security = await startSecurity(config, (message, err) => logError(message, err));
+    const security = await startSecurity(config, logError);
     reloads = security.reloads;
     const secret = config.pageTokenSecret ?? (await findServiceSecret(sql, "page_token"));
     if (!secret) throw new StartError("the page token secret is missing from service_secrets; run `npm run migrate`");

@@ -156,7 +156,7 @@ async function pendingMigrationsAsAnyOf(pools: Sql[]): Promise<Awaited<ReturnTyp
  * may not act as it, or a role that does not exist, stops the start with
  * what to grant.
  */
-export async function openAsRole(url: string, role: string, config: Config, options: OpenOptions = {}): Promise<Sql> {
+async function openAsRole(url: string, role: string, config: Config, options: OpenOptions = {}): Promise<Sql> {
   const sql = createSql({
     url,
     poolMax: options.poolMax ?? 2,

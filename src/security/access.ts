@@ -50,8 +50,9 @@ export class AccessPolicy {
       if (unknownFields.length > 0) throw new PolicyError(`${where} has unknown field "${unknownFields[0]}"`);
       if (typeof identity !== "string" || identity === "")
         throw new PolicyError(`${where}.identity must be a non-empty string`);
-      if (grants.has(identity.includes(":") ? identity : identity.toLowerCase()))
-        throw new PolicyError(`${where}.identity "${identity}" is listed twice`);
+      // DNS names are case-insensitive; a certificate's is compared in lower case.
+      const key = identity.includes(":") ? identity : identity.toLowerCase();
+      if (grants.has(key)) throw new PolicyError(`${where}.identity "${identity}" is listed twice`);
       if (!Array.isArray(methods) || methods.some((m) => typeof m !== "string"))
         throw new PolicyError(`${where}.methods must be an array of rpc names (or "*")`);
       for (const m of methods as string[]) {
@@ -60,8 +61,7 @@ export class AccessPolicy {
       }
       if (allTenants !== undefined && typeof allTenants !== "boolean")
         throw new PolicyError(`${where}.allTenants must be true or false`);
-      // DNS names are case-insensitive; a certificate's is compared in lower case.
-      grants.set(identity.includes(":") ? identity : identity.toLowerCase(), {
+      grants.set(key, {
         methods: (methods as string[]).includes("*") ? "all" : new Set(methods as string[]),
         allTenants: allTenants === true,
       });
