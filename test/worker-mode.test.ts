@@ -149,7 +149,7 @@ describe("worker mode when workers die", () => {
       const delays = () => [...primary.output().matchAll(/starting another in (\d+) s/g)].map((m) => Number(m[1]));
       for (let killed = 0; killed < 3; killed++) {
         // The primary's node children: its workers (not, say, the esbuild
-        // service that tsx may have started).
+        // service that compiles the TypeScript).
         const workers = execFileSync("ps", ["-o", "pid=,comm=", "--ppid", String(primary.child.pid)], {
           encoding: "utf8",
         })
