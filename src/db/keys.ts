@@ -1,3 +1,4 @@
+import { type CoalescedTask, coalesced } from "../coalesce.js";
 import type { Micros } from "../micros.js";
 import { type Sql, unscopedSql } from "./client.js";
 import { timestampAt } from "./time.js";
@@ -123,8 +124,18 @@ export async function countKeys(sql: Sql, tenantId: string): Promise<bigint> {
   return row?.count ?? 0n;
 }
 
-/** Per pool: whether a wake-up is being sent, and whether another is owed after it. */
-const wakeUps = new WeakMap<Sql, { sending: boolean; owed: boolean }>();
+/**
+ * How often, at most, one process wakes the feed's readers: a change
+ * committed after a quiet spell wakes them at once, the changes of a burst
+ * share one wake-up per interval. Each wake-up is a statement here and a
+ * read of key_events in every listening process, so under a stream of
+ * freezes this bounds that work instead of adding it to every freeze; it
+ * delays an event by at most this much.
+ */
+export const wakeUpIntervalMs = 5;
+
+/** Per pool, its wake-ups (see wakeFeedReaders). */
+const wakeUps = new WeakMap<Sql, CoalescedTask>();
 
 /**
  * Wakes the feed's readers in every process (LISTEN key_events) after a
@@ -132,34 +143,23 @@ const wakeUps = new WeakMap<Sql, { sending: boolean; owed: boolean }>();
  *
  * In a statement of its own: PostgreSQL serialises the commits of
  * transactions that notify, and the change's own commit should not wait on
- * others' (migration 0004). Coalesced: while one wake-up is being sent, the
- * changes committed meanwhile owe one more, sent after it, so a burst of
- * freezes makes two notifications rather than one each, and every change is
- * followed by a notification sent after its commit. The wake-up's own commit
- * need not be durable (synchronous_commit off): a lost one is made good by
- * the feed's slow poll, as is a failed one.
+ * others' (migration 0004). Coalesced (wakeUpIntervalMs), and every change
+ * is followed by a notification sent after its commit. The wake-up's own
+ * commit need not be durable (synchronous_commit off): a lost one is made
+ * good by the feed's slow poll, as is a failed one.
  */
 function wakeFeedReaders(sql: Sql): void {
   const pool = unscopedSql(sql);
-  let state = wakeUps.get(pool);
-  if (state === undefined) {
-    state = { sending: false, owed: false };
-    wakeUps.set(pool, state);
+  let wakeUp = wakeUps.get(pool);
+  if (wakeUp === undefined) {
+    // Sent for every watcher, not for the call that wrote: on the pool, not cancelled with the call.
+    wakeUp = coalesced(
+      () => pool`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`,
+      wakeUpIntervalMs,
+    );
+    wakeUps.set(pool, wakeUp);
   }
-  if (state.sending) {
-    state.owed = true;
-    return;
-  }
-  state.sending = true;
-  const wake = state;
-  // Sent for every watcher, not for the call that wrote: not cancelled with it.
-  void (async () => {
-    do {
-      wake.owed = false;
-      await pool`select set_config('synchronous_commit', 'off', true), pg_notify('key_events', '')`.catch(() => {});
-    } while (wake.owed);
-    wake.sending = false;
-  })();
+  wakeUp.request();
 }
 
 // One statement decides and writes, so a freeze racing an unfreeze cannot

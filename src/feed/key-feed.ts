@@ -1,4 +1,5 @@
 import { Code, type ConnectError } from "@connectrpc/connect";
+import { coalesced } from "../coalesce.js";
 import { isStrayCancel, type Sql } from "../db/client.js";
 import {
   type EventRow,
@@ -10,6 +11,7 @@ import {
   readFeed,
   settledHead,
 } from "../db/events.js";
+import { wakeUpIntervalMs } from "../db/keys.js";
 import { rpcError } from "../errors.js";
 
 /**
@@ -74,11 +76,15 @@ export interface KeyFeedOptions {
 
 const batchSize = 1000;
 /**
- * How soon a missing position is first checked for being settled (every
- * transaction that may hold it has ended), and the most the wait between
- * checks doubles to while one of them runs on (a long transaction, a
- * prepared one). A check is one cheap query that holds back no writer.
+ * A position missing below a visible one is nearly always a commit a moment
+ * from done: the feed reads again after secondLookMs before it asks who may
+ * hold it (pg_locks, which briefly takes every lock partition of the
+ * server). A position still missing then is checked for being settled
+ * (every transaction that may hold it has ended) after firstSettleCheckMs,
+ * the wait between checks doubling to maxSettleCheckMs while one of them
+ * runs on (a long transaction, a prepared one).
  */
+const secondLookMs = 2;
 const firstSettleCheckMs = 5;
 const maxSettleCheckMs = 1000;
 
@@ -182,7 +188,9 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
   // transaction that failed): events after it wait until it arrives, or
   // until every transaction that may hold it has ended (then it never will,
   // and positions up to the visible one missing then are passed over).
-  let missing: { position: bigint; visible: bigint; holders: string[]; checkAt: number; waitMs: number } | undefined;
+  let missing:
+    | { position: bigint; visible: bigint; holders: string[] | undefined; checkAt: number; waitMs: number }
+    | undefined;
   let settledThrough = 0n;
   let recheck: NodeJS.Timeout | undefined;
 
@@ -203,7 +211,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
           readAgain = false;
           if (position === undefined) position = await settledHead(sql);
           for (;;) {
-            if (missing !== undefined && Date.now() >= missing.checkAt) {
+            if (missing?.holders !== undefined && Date.now() >= missing.checkAt) {
               if (await holdersEnded(sql, missing.holders)) {
                 settledThrough = laterPosition(settledThrough, missing.visible);
                 missing = undefined;
@@ -219,10 +227,20 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
               if (missing?.position !== found.missing.position) {
                 missing = {
                   ...found.missing,
-                  holders: await positionHolders(sql),
-                  checkAt: Date.now() + firstSettleCheckMs,
+                  holders: undefined,
+                  checkAt: Date.now() + secondLookMs,
                   waitMs: firstSettleCheckMs,
                 };
+              } else if (missing.holders === undefined && Date.now() >= missing.checkAt) {
+                // Still missing at the second look. Whoever took it holds the
+                // lock now or has ended: with no holder at all it never comes.
+                missing.holders = await positionHolders(sql);
+                if (missing.holders.length === 0) {
+                  settledThrough = laterPosition(settledThrough, missing.visible);
+                  missing = undefined;
+                  continue;
+                }
+                missing.checkAt = Date.now() + firstSettleCheckMs;
               }
               clearTimeout(recheck);
               recheck = setTimeout(() => void read(), Math.max(0, missing.checkAt - Date.now()));
@@ -252,6 +270,10 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
     return reading;
   };
 
+  // A burst of wake-ups (changes through several processes, or by SQL,
+  // each notifying) makes one read per interval, as the writers do.
+  const wakeUps = coalesced(read, wakeUpIntervalMs);
+
   // One listening connection for the process; postgres.js re-establishes it
   // when it drops and calls the second callback again, which reads what the
   // lost connection missed. Until the first LISTEN succeeds, the poll below
@@ -261,7 +283,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
     try {
       listening = await sql.listen(
         "key_events",
-        () => void read(),
+        () => wakeUps.request(),
         () => void read(),
       );
       if (closed) await listening.unlisten();
@@ -318,6 +340,7 @@ export function startKeyFeed(sql: Sql, options: KeyFeedOptions): KeyFeed {
     async close() {
       closed = true;
       clearInterval(poll);
+      wakeUps.cancel();
       clearTimeout(recheck);
       endSubscriptions();
       await listening?.unlisten();
