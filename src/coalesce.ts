@@ -22,10 +22,11 @@ export function coalesced(task: () => Promise<unknown>, intervalMs: number): Coa
   let timer: NodeJS.Timeout | undefined;
 
   const run = () => {
-    timer = undefined;
     running = true;
     lastStart = performance.now();
-    void task()
+    // A task that throws rather than rejects fails this run only.
+    void Promise.resolve()
+      .then(task)
       .catch(() => {})
       .finally(() => {
         running = false;
@@ -46,7 +47,11 @@ export function coalesced(task: () => Promise<unknown>, intervalMs: number): Coa
       run();
       return;
     }
-    timer = setTimeout(run, wait);
+    // Timers may fire a little early: the interval is checked again then.
+    timer = setTimeout(() => {
+      timer = undefined;
+      request();
+    }, Math.ceil(wait));
     timer.unref();
   };
   return {
