@@ -6,6 +6,7 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import type { Sql } from "../src/db/client.js";
+import { serviceNodeArgs } from "../src/process/node-args.js";
 import type { LoadPlan, LoadResult, PlannedCall } from "./load.js";
 
 /** How hard and how long each run drives its target. */
@@ -46,7 +47,7 @@ const ticksPerSecond = Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "
 
 /** Starts `script` and waits for the line matching `ready`, whose first group is the port. */
 export async function startProcess(name: string, script: string, env: Record<string, string>, ready: RegExp) {
-  const child = spawn(process.execPath, ["--import", "./src/preload.js", script], {
+  const child = spawn(process.execPath, [...serviceNodeArgs, script], {
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });

@@ -15,6 +15,7 @@ import { KeysDriverService, WatchMarker } from "../gen/keysdriver/v1/keys_driver
 import { loadConfig } from "../src/config.js";
 import { createSql, type Sql } from "../src/db/client.js";
 import { type EmbeddedPostgres, startEmbeddedPostgres } from "../src/process/embedded-postgres.js";
+import { serviceNodeArgs } from "../src/process/node-args.js";
 import { migrate } from "../src/schema/migrate.js";
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
@@ -150,7 +151,7 @@ function rssOf(pid: number): number {
 
 export async function startServiceProcess(env: Record<string, string>): Promise<ServiceProcess> {
   const port = await freePort();
-  const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+  const child = spawn(process.execPath, [...serviceNodeArgs, "src/main.ts"], {
     env: { ...process.env, PORT: String(port), HOST: "127.0.0.1", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });

@@ -1,13 +1,15 @@
 import { spawn } from "node:child_process";
+import { readFile } from "node:fs/promises";
 import { expect } from "chai";
 import { loadConfig } from "../src/config.js";
 import { createSql } from "../src/db/client.js";
+import { serviceNodeArgs } from "../src/process/node-args.js";
 import { migrate, pendingMigrations } from "../src/schema/migrate.js";
 import { createTestDatabase } from "./support/database.js";
 
 function runService(env: Record<string, string>): Promise<{ code: number | null; output: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+    const child = spawn(process.execPath, [...serviceNodeArgs, "src/main.ts"], {
       env: { ...process.env, ...env },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -143,6 +145,11 @@ describe("starting the service", () => {
       await db.sql.unsafe(`drop role if exists ${login}`);
       await db.drop();
     }
+  });
+
+  it("runs under npm start with the node flags every other launcher uses", async () => {
+    const pkg = JSON.parse(await readFile("package.json", "utf8")) as { scripts: Record<string, string> };
+    expect(pkg.scripts.start).to.equal(`exec node ${serviceNodeArgs.join(" ")} src/main.ts`);
   });
 
   it("reads every setting, with defaults", () => {

@@ -1,6 +1,7 @@
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import net from "node:net";
 import { expect } from "chai";
+import { serviceNodeArgs } from "../src/process/node-args.js";
 import { grpcJsCaller } from "./support/clients.js";
 import { createTestDatabase, type TestDatabase } from "./support/database.js";
 import { newTenant } from "./support/fixtures.js";
@@ -29,7 +30,7 @@ describe("worker mode (WORKERS=2)", () => {
   before(async () => {
     db = await createTestDatabase();
     port = await freePort();
-    child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+    child = spawn(process.execPath, [...serviceNodeArgs, "src/main.ts"], {
       env: { ...process.env, DATABASE_URL: db.url, PORT: String(port), WORKERS: "2", ROLLUP_INTERVAL_MS: "0" },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -108,7 +109,7 @@ describe("worker mode when workers die", () => {
   });
 
   function startPrimary(port: number) {
-    const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+    const child = spawn(process.execPath, [...serviceNodeArgs, "src/main.ts"], {
       env: { ...process.env, DATABASE_URL: db.url, PORT: String(port), WORKERS: "2", ROLLUP_INTERVAL_MS: "0" },
       stdio: ["ignore", "pipe", "pipe"],
     });
