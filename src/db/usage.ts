@@ -34,8 +34,12 @@ export async function fetchKeyUsage(
   const until = window.untilUs === undefined ? sql`now()` : timestampAt(sql, window.untilUs);
   // cost_cents is never negative, so round() (half away from zero) is
   // half-up; trim_scale drops the numeric's trailing zeros.
+  // The window's bounds and plan are materialized: computed once, and out of
+  // the join the planner orders. Each call is planned anew (its window
+  // decides the plan), and with them flattened into it the planning took
+  // longer than the sums (docs/DESIGN.md).
   const [row]: [UsageRow?] = await sql`
-    with bounds as (
+    with bounds as materialized (
       select
         w.since,
         w.until,
@@ -55,7 +59,7 @@ export async function fetchKeyUsage(
       ) as greater
       where state.singleton
     ),
-    plan as (
+    plan as materialized (
       -- rolled: [first_whole_day, rolled_end) from the rollup, when not empty;
       -- raw: [since, raw_head_end) and [raw_tail_start, until).
       select
