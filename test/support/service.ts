@@ -1,4 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
+import { serviceNodeArgs } from "../../src/process/node-args.js";
 import { type RunningService, type ServiceConfig, type ServiceHooks, startService } from "../../src/service.js";
 import { createTestDatabase, type TestDatabase } from "./database.js";
 import { type FreezableProxy, startFreezableProxy } from "./proxy.js";
@@ -108,7 +109,7 @@ export interface Started {
  */
 export function startMain(env: Record<string, string>): Started {
   const { DATABASE_URL: _ignored, ...inherited } = process.env;
-  const child = spawn(process.execPath, ["--import", "./src/preload.js", "src/main.ts"], {
+  const child = spawn(process.execPath, [...serviceNodeArgs, "src/main.ts"], {
     env: { ...inherited, PORT: "0", ROLLUP_INTERVAL_MS: "0", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
